@@ -1,0 +1,1 @@
+"""g2d_jax: Gradient-Guided Distillation and balanced multimodal learning in JAX."""
