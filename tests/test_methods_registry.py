@@ -1,0 +1,97 @@
+"""The method registry and its plumbing: config sub-dicts and presets, the
+SMP default, SMP composing with every method, and the frozen-branch
+skipping rule for methods that touch gradients."""
+
+import jax
+import numpy as np
+import pytest
+
+from g2d_jax import methods
+from g2d_jax.pipeline import config as config_lib
+from g2d_jax.pipeline import mesh as mesh_lib
+from g2d_jax.pipeline import steps
+from g2d_jax.pipeline import student as student_lib
+from tests import pipeline_fixtures as fx
+from tests.test_pipeline_steps import AUDIO_WEAK
+from tests.test_pipeline_steps import batch_with_teacher
+
+TRAINED = ("joint", "umt", "ogm", "ogm_ge", "mlb", "mmpareto", "mla", "pmr",
+           "g2d")
+
+
+def test_every_method_has_its_sub_config_and_the_smp_default():
+  c = config_lib.base_config()
+  assert config_lib.METHODS == methods.available()
+  assert set(config_lib.METHODS) == set(TRAINED) | {"ume"}
+  for name in config_lib.METHODS:
+    assert name in c
+  assert (c.ogm_ge.alpha, c.mlb.alpha, c.mlb.beta_max, c.mmpareto.gamma,
+          c.pmr.alpha, c.pmr.end_epoch) == (0.8, 0.5, 10.0, 1.5, 2.0, 70)
+  assert c.smp is None
+  for name in config_lib.METHODS:
+    c.method = name
+    assert methods.smp_enabled(c) == (name == "g2d")
+  c.smp = True
+  c.method = "joint"
+  assert methods.smp_enabled(c)
+
+
+def test_presets_select_the_method_and_optionally_its_optimizer():
+  c = config_lib.base_config()
+  methods.apply_preset(c, "mlb")
+  assert c.method == "mlb" and c.student.optimizer.name == "sgd"
+  methods.apply_preset(c, "mmpareto", method_optimizer=True)
+  assert (c.method, c.student.optimizer.lr,
+          tuple(c.student.optimizer.decay_epochs)) == ("mmpareto", 2e-3, ())
+  with pytest.raises(Exception, match="unknown method"):
+    methods.apply_preset(c, "magic")
+
+
+def test_skip_rule():
+  ds = fx.tiny_dataset()
+  built = {n: student_lib.build_method(fx.tiny_config(method=n), ds, 4)
+           for n in TRAINED}
+  assert {n for n, m in built.items() if m.skip_frozen_exact} == {
+      "joint", "umt", "pmr", "g2d"}
+
+
+# Loss-only methods (joint, umt, g2d) compose through the same path as G2D,
+# which tests/test_pipeline_steps.py covers; these are the ones with hooks.
+@pytest.mark.parametrize("name", ["ogm_ge", "mlb", "mmpareto", "mla", "pmr"])
+def test_smp_composes_with_every_method(name):
+  """One step with SMP (audio trains alone): the image branch, including a
+  method's own image head, does not move; the step compiles once, as the
+  plain pattern when the method touches gradients."""
+  ds = fx.tiny_dataset()
+  mesh = mesh_lib.data_mesh(jax.devices()[:1])
+  overrides = {"method": name, "smp": True}
+  if name in ("ogm", "ogm_ge"):
+    overrides[f"{name}.scope"] = "encoder"  # the tiny image encoder is an MLP
+  cfg = fx.tiny_config(**overrides)
+  model, tx, method, gate, step = student_lib.build(cfg, ds, 4)
+  state = student_lib.new_state(cfg, ds, model, tx, method, mesh)
+  hook = student_lib.make_epoch_hook(method, model, ds.splits["train"], 32,
+                                     cfg.seed, mesh)
+  if hook is not None:
+    state = hook(state, 0)
+  before = jax.device_get(state.params)
+  batch = batch_with_teacher(ds, *AUDIO_WEAK)
+  batch["gate"] = gate.for_batch(batch, 0)
+  assert batch["gate"]["pattern"] == 0
+  new, metrics = step(state, mesh_lib.shard_batch(batch, mesh), np.int32(0),
+                      jax.random.key(0))
+  after = jax.device_get(new.params)
+  assert np.isfinite(float(metrics["loss"]))
+  assert float(metrics["kappa/image"]) == 0.0
+  frozen = [after["encoders"]["image"]] + (
+      [after["aux"]["image"]] if "image" in after.get("aux", {}) else [])
+  frozen0 = [before["encoders"]["image"]] + (
+      [before["aux"]["image"]] if "image" in before.get("aux", {}) else [])
+  for a, b in zip(jax.tree.leaves(frozen), jax.tree.leaves(frozen0)):
+    np.testing.assert_array_equal(a, b)
+  moved = any(not np.array_equal(a, b) for a, b in zip(
+      jax.tree.leaves(after["encoders"]["audio"]),
+      jax.tree.leaves(before["encoders"]["audio"])))
+  assert moved
+  expect = 0 if method.skip_frozen_exact else steps.ALL
+  assert step.compiled_patterns() == {expect: 1}
