@@ -1,0 +1,144 @@
+"""The pipeline's config schema: defaults shared by every dataset's config file.
+
+Config files in `configs/` start from `base_config()`, set the dataset, the
+encoders and the protocol, then lock the result so that a mistyped
+command-line override fails instead of being silently ignored.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from g2d_jax import methods
+from g2d_jax.errors import ConfigError
+
+# joint, umt, ume, ogm, ogm_ge, mlb, mmpareto, mla, pmr, g2d
+METHODS = methods.available()
+MODES = ("all", "teachers", "precompute", "student", "eval")
+
+
+def optimizer_config(lr: float = 1e-3, *, name: str = "sgd",
+                     momentum: float = 0.9, weight_decay: float = 1e-4,
+                     decay_epochs: tuple[int, ...] = (200,),
+                     decay_factor: float = 0.1) -> ml_collections.ConfigDict:
+  """SGD with PyTorch-style weight decay and a per-epoch step schedule."""
+  return ml_collections.ConfigDict(dict(
+      name=name,                  # "sgd" | "adam" | "adamw"
+      lr=lr,
+      momentum=momentum,          # sgd only
+      weight_decay=weight_decay,  # added to the gradient (torch.optim.SGD)
+      decay_epochs=decay_epochs,  # lr *= decay_factor at the start of each
+      decay_factor=decay_factor,
+  ))
+
+
+def train_config(epochs: int, batch_size: int,
+                 optimizer: ml_collections.ConfigDict
+                 ) -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict(dict(
+      epochs=epochs,
+      batch_size=batch_size,      # global batch, split over all devices
+      optimizer=optimizer,
+      checkpoint_every_steps=0,   # 0: only at the end of every epoch
+  ))
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Every field the pipeline reads, with the paper's defaults."""
+  c = ml_collections.ConfigDict()
+  c.seed = 999
+  # Students with different settings can share one workdir's teachers and
+  # teacher cache: a non-empty run_name puts the student in
+  # <workdir>/student_<run_name> and its summary in summary_<run_name>.json.
+  c.run_name = ""
+  c.method = "g2d"
+  # SMP gating for any method that trains a multimodal student (Table 4).
+  # Unset (None): the method's default, on for G2D only (G2D = its loss +
+  # SMP); --config.smp=True/False forces it. Read it with
+  # `methods.smp_enabled(config)`.
+  c.smp = ml_collections.FieldReference(None, field_type=bool)
+  c.gating = ml_collections.ConfigDict(dict(
+      taus=(151,),                # k-1 entries; official: epochs 0..150
+      semantics="freeze",         # "freeze" (Eq. 8) | "reference" (official)
+      suppression="complete",     # "complete" (SMP) | "partial" (Table 6)
+      partial_strength=1.0,       # OGM-GE's alpha for partial suppression
+      skip_frozen_backward=True,  # specialised step per gating pattern
+  ))
+  # Every method's hyperparameters, `config.<method>` (defaults and their
+  # sources in g2d_jax/methods/<module>.py).
+  for name, defaults in methods.default_configs().items():
+    c[name] = defaults
+  c.data = ml_collections.ConfigDict()  # set by the dataset's config file
+  c.model = ml_collections.ConfigDict(dict(
+      fusion="late",
+      fusion_kwargs=ml_collections.ConfigDict(),
+      encoders=ml_collections.ConfigDict(),  # {modality: {kind: ..., ...}}
+  ))
+  c.teacher = train_config(300, 16, optimizer_config())
+  c.student = train_config(300, 16, optimizer_config())
+  c.eval = ml_collections.ConfigDict(dict(batch_size=256))
+  c.log_every_steps = 100
+  return c
+
+
+def validate(config: ml_collections.ConfigDict, num_devices: int,
+             modalities: tuple[str, ...]) -> None:
+  """Raises ConfigError naming the field and the fix for a bad value."""
+  if config.run_name and not all(ch.isalnum() or ch in "-_."
+                                 for ch in config.run_name):
+    raise ConfigError(f"config.run_name={config.run_name!r} may only contain "
+                      "letters, digits, '-', '_' and '.'.")
+  if config.method not in METHODS:
+    raise ConfigError(f"config.method={config.method!r} is not one of "
+                      f"{METHODS}.")
+  if sorted(config.model.encoders.keys()) != sorted(modalities):
+    raise ConfigError(
+        f"config.model.encoders has {sorted(config.model.encoders.keys())} but "
+        f"the dataset's modalities are {list(modalities)}: give one encoder "
+        "per modality.")
+  for stage in ("teacher", "student"):
+    tc = config[stage]
+    if tc.epochs < 1:
+      raise ConfigError(f"config.{stage}.epochs must be >= 1, got "
+                        f"{tc.epochs}.")
+    if tc.batch_size < 1 or tc.batch_size % num_devices:
+      raise ConfigError(
+          f"config.{stage}.batch_size={tc.batch_size} is not divisible by the "
+          f"{num_devices} devices; use a multiple of {num_devices}, e.g. "
+          f"--config.{stage}.batch_size="
+          f"{max(num_devices, tc.batch_size // num_devices * num_devices)}.")
+  if config.eval.batch_size < 1 or config.eval.batch_size % num_devices:
+    raise ConfigError(
+        f"config.eval.batch_size={config.eval.batch_size} is not divisible "
+        f"by the {num_devices} devices; use a multiple of {num_devices}.")
+  g = config.gating
+  if config.method == "ume" and config.smp:
+    raise ConfigError("config.method='ume' trains no student, so SMP has "
+                      "nothing to gate; drop --config.smp=True.")
+  if methods.smp_enabled(config):
+    taus = tuple(g.taus)
+    if len(taus) != len(modalities) - 1:
+      raise ConfigError(
+          f"config.gating.taus={taus} needs k - 1 = {len(modalities) - 1} "
+          f"entries for the {len(modalities)} modalities {list(modalities)}.")
+    if any(t < 0 for t in taus):
+      raise ConfigError(f"config.gating.taus={taus} has a negative entry.")
+    if sum(taus) > config.student.epochs:
+      raise ConfigError(
+          f"config.gating.taus={taus} spans {sum(taus)} epochs, longer than "
+          f"training (config.student.epochs={config.student.epochs}); shorten "
+          "the taus or train longer.")
+  if g.semantics not in ("freeze", "reference"):
+    raise ConfigError(f"config.gating.semantics={g.semantics!r} must be "
+                      "'freeze' or 'reference'.")
+  if g.suppression not in ("complete", "partial"):
+    raise ConfigError(f"config.gating.suppression={g.suppression!r} must be "
+                      "'complete' or 'partial'.")
+  if config.g2d.feature_reduction not in ("mean", "sum_features"):
+    raise ConfigError("config.g2d.feature_reduction must be 'mean' or "
+                      "'sum_features'.")
+  for stage in ("teacher", "student"):
+    name = config[stage].optimizer.name
+    if name not in ("sgd", "adam", "adamw"):
+      raise ConfigError(f"config.{stage}.optimizer.name={name!r} must be "
+                        "'sgd', 'adam' or 'adamw'.")

@@ -1,0 +1,94 @@
+"""grain input pipelines: shuffled training batches and padded eval batches.
+
+Each batch is a dict of host NumPy arrays:
+  {"index": [B], "label": [B], "inputs": {m: [B, ...] float32},
+   "teacher": {"logits": {m: [B, C]}, "features": {m: [B, D]}}   (if asked),
+   "mask": [B] bool                                              (eval only)}
+Teacher rows are joined to samples by their index in the split, so the
+teacher cache must be index-aligned with the data (the manifest checks it).
+
+The order of training batches is a pure function of (seed, epoch), and a
+batch is addressable by its step within the epoch, so resuming mid-epoch is
+slicing the epoch's batch sequence: no iterator state to save.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+import grain
+import numpy as np
+
+from g2d_jax.data.base import Split
+
+# A background thread assembles the next batches while the device computes.
+_READ = grain.ReadOptions(num_threads=2, prefetch_buffer_size=4)
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+  """The shuffle seed of one epoch (independent streams per epoch)."""
+  return int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
+
+
+def steps_per_epoch(num_examples: int, batch_size: int) -> int:
+  """Training drops the last partial batch so every step has one shape."""
+  return num_examples // batch_size
+
+
+def _fetcher(split: Split, teacher: Mapping[str, Any] | None,
+             teacher_keys: frozenset[str],
+             gate: Callable[[dict[str, Any]], dict[str, Any]] | None = None):
+  def fetch(idx: np.ndarray) -> dict[str, Any]:
+    idx = np.asarray(idx, np.int64)
+    raw = split.batch(idx)
+    batch = {"index": idx.astype(np.int32), "label": raw["label"],
+             "inputs": {m: raw[m] for m in split.inputs}}
+    if teacher_keys:
+      batch["teacher"] = {
+          key: {m: np.asarray(teacher[m][key][idx]) for m in teacher}
+          for key in sorted(teacher_keys)}
+    if gate is not None:
+      batch["gate"] = gate(batch)
+    return batch
+  return fetch
+
+
+def train_batches(split: Split, batch_size: int, *, seed: int, epoch: int,
+                  start_step: int = 0,
+                  teacher: Mapping[str, Any] | None = None,
+                  teacher_keys: frozenset[str] = frozenset(),
+                  gate: Callable[[dict[str, Any], int], dict[str, Any]]
+                  | None = None) -> Iterator[dict[str, Any]]:
+  """The shuffled, full batches of one epoch, from `start_step` on.
+
+  `gate(batch, epoch)`, if given, adds the SMP gate of each batch (computed
+  here, in the loader's threads, from the batch's teacher logits).
+  """
+  ds = (grain.MapDataset.range(len(split))
+        .shuffle(seed=epoch_seed(seed, epoch))
+        .batch(batch_size, drop_remainder=True))
+  batch_gate = None if gate is None else (lambda b: gate(b, epoch))
+  ds = ds[start_step:].map(_fetcher(split, teacher, teacher_keys, batch_gate))
+  return iter(ds.to_iter_dataset(_READ))
+
+
+def eval_batches(split: Split, batch_size: int, *,
+                 teacher: Mapping[str, Any] | None = None,
+                 teacher_keys: frozenset[str] = frozenset(),
+                 ) -> Iterator[dict[str, Any]]:
+  """All samples in order; the last batch is padded and masked out."""
+  n = len(split)
+  fetch = _fetcher(split, teacher, teacher_keys)
+
+  def padded(start: int) -> dict[str, Any]:
+    idx = np.arange(start, min(start + batch_size, n))
+    mask = np.ones(batch_size, bool)
+    mask[len(idx):] = False
+    batch = fetch(np.concatenate(
+        [idx, np.full(batch_size - len(idx), idx[0], idx.dtype)]))
+    batch["mask"] = mask
+    return batch
+
+  ds = grain.MapDataset.range(0, n, batch_size).map(padded)
+  return iter(ds.to_iter_dataset(_READ))

@@ -1,0 +1,174 @@
+"""Stage 2: run the frozen teachers over every split once, data-parallel.
+
+The paper's appendix A.6.3 precomputes teacher outputs instead of running the
+teachers every step. This job shards each batch over all local devices (the
+'data' mesh; what `pmap` did, expressed with `jit` + `NamedSharding`) and
+writes, per split and modality, index-aligned float32 arrays
+
+    <workdir>/teacher_cache/<split>/<modality>.features.npy   [N, D]
+    <workdir>/teacher_cache/<split>/<modality>.logits.npy     [N, C]
+
+and `manifest.json` (format version, teacher weight digests, the dataset
+fingerprint, shapes and dtypes). The directory is written under a temporary
+name and renamed when complete, so a crash never leaves a cache that looks
+valid. `load_cache` refuses a cache whose manifest does not match the data
+and teachers it is given.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from typing import Any
+
+from absl import logging
+import jax
+import ml_collections
+import numpy as np
+
+from g2d_jax.data.base import MultimodalDataset
+from g2d_jax.errors import CacheMismatchError
+from g2d_jax.pipeline import common
+from g2d_jax.pipeline import loader
+from g2d_jax.pipeline import mesh as mesh_lib
+from g2d_jax.pipeline import metrics as metrics_lib
+from g2d_jax.pipeline import steps
+from g2d_jax.pipeline import teachers as teachers_lib
+
+FORMAT = 1
+KEYS = ("features", "logits")
+
+
+def cache_dir(workdir: str) -> str:
+  return os.path.join(workdir, "teacher_cache")
+
+
+def expected_manifest(dataset: MultimodalDataset,
+                      teacher_digests: dict[str, str]) -> dict[str, Any]:
+  """What a cache for this data and these teachers must declare."""
+  return common.to_dict({
+      "format": FORMAT, "data": dataset.fingerprint,
+      "teachers": dict(sorted(teacher_digests.items())),
+      "splits": {s: len(dataset.splits[s]) for s in dataset.splits}})
+
+
+def teacher_outputs(model: Any, weights: Any, split: Any, batch_size: int,
+                    mesh: jax.sharding.Mesh, out_features: np.ndarray,
+                    out_logits: np.ndarray) -> None:
+  """Runs one teacher (eval mode) over a split into the given arrays."""
+  m = model.modality
+
+  @jax.jit
+  def forward(weights, inputs):
+    out, _ = steps.apply_model(model, weights["params"],
+                               weights["batch_stats"], inputs, train=False)
+    return out.features[m], out.logits
+
+  start = 0
+  for batch in loader.eval_batches(split, batch_size):
+    inputs = mesh_lib.shard_batch({m: batch["inputs"][m]}, mesh)
+    feats, logits = jax.device_get(forward(weights, inputs))
+    n = int(batch["mask"].sum())
+    out_features[start:start + n] = feats[:n]
+    out_logits[start:start + n] = logits[:n].reshape(n, -1)
+    start += n
+
+
+def run(config: ml_collections.ConfigDict, dataset: MultimodalDataset,
+        workdir: str, mesh: jax.sharding.Mesh) -> dict[str, Any]:
+  """Writes the teacher cache unless an identical one exists; returns its manifest."""
+  digests = teachers_lib.teacher_digests(config, dataset, workdir)
+  want = expected_manifest(dataset, digests)
+  final = cache_dir(workdir)
+  manifest_path = os.path.join(final, "manifest.json")
+  if os.path.exists(manifest_path):
+    have = metrics_lib.read_json(manifest_path)
+    if {k: have.get(k) for k in want} == want:
+      logging.info("teacher cache at %s matches; skipping", final)
+      return have
+    logging.info("teacher cache at %s is stale; rebuilding", final)
+
+  loaded = {m: teachers_lib.load_teacher(config, dataset, workdir, m, mesh)
+            for m in dataset.modalities}
+  os.makedirs(workdir, exist_ok=True)
+  tmp = tempfile.mkdtemp(prefix="teacher_cache.tmp-", dir=workdir)
+  try:
+    shapes = {}
+    for split_name, split in dataset.splits.items():
+      os.makedirs(os.path.join(tmp, split_name))
+      for m, (model, weights) in loaded.items():
+        probe = jax.eval_shape(
+            lambda w, x: steps.apply_model(model, w["params"],
+                                           w["batch_stats"], x,
+                                           train=False)[0],
+            weights, common.example_inputs(split, 1))
+        dims = {"features": probe.features[m].shape[-1],
+                "logits": int(np.prod(probe.logits.shape[1:]))}
+        arrays = {
+            key: np.lib.format.open_memmap(
+                os.path.join(tmp, split_name, f"{m}.{key}.npy"), mode="w+",
+                dtype=np.float32, shape=(len(split), dims[key]))
+            for key in KEYS}
+        logging.info("precompute: %s teacher on %s (%d examples)", m,
+                     split_name, len(split))
+        teacher_outputs(model, weights, split, config.eval.batch_size, mesh,
+                        arrays["features"], arrays["logits"])
+        for a in arrays.values():
+          a.flush()
+        shapes[f"{split_name}/{m}"] = {k: [len(split), dims[k]] for k in KEYS}
+    manifest = dict(want, shapes=shapes, dtype="float32",
+                    devices=len(mesh.devices.flat))
+    metrics_lib.write_json(os.path.join(tmp, "manifest.json"), manifest)
+    if os.path.exists(final):
+      shutil.rmtree(final)
+    os.replace(tmp, final)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+  return manifest
+
+
+def load_cache(workdir: str, dataset: MultimodalDataset,
+               teacher_digests: dict[str, str] | None
+               ) -> dict[str, dict[str, dict[str, np.ndarray]]]:
+  """{split: {modality: {"features", "logits"}}} memory-mapped, after checking
+  the manifest against this dataset (and these teachers, if given)."""
+  final = cache_dir(workdir)
+  path = os.path.join(final, "manifest.json")
+  if not os.path.exists(path):
+    raise CacheMismatchError(
+        f"no teacher cache at {final}; run --mode=precompute (or --mode=all) "
+        "first.")
+  have = metrics_lib.read_json(path)
+  checks = {"format": FORMAT,
+            "data": common.to_dict(dataset.fingerprint),
+            "splits": {s: len(dataset.splits[s]) for s in dataset.splits}}
+  if teacher_digests is not None:
+    checks["teachers"] = dict(sorted(teacher_digests.items()))
+  for key, value in checks.items():
+    if have.get(key) != value:
+      raise CacheMismatchError(
+          f"the teacher cache at {final} does not match this run: its "
+          f"'{key}' differs ({_short(have.get(key))} vs expected "
+          f"{_short(value)}). Delete {final} and run --mode=precompute.")
+  out = {}
+  for split_name, split in dataset.splits.items():
+    out[split_name] = {}
+    for m in dataset.modalities:
+      out[split_name][m] = {}
+      for key in KEYS:
+        arr = np.load(os.path.join(final, split_name, f"{m}.{key}.npy"),
+                      mmap_mode="r")
+        if arr.shape[0] != len(split):
+          raise CacheMismatchError(
+              f"{final}/{split_name}/{m}.{key}.npy has {arr.shape[0]} rows "
+              f"but the split has {len(split)}; delete {final} and run "
+              "--mode=precompute.")
+        out[split_name][m][key] = arr
+  return out
+
+
+def _short(v: Any) -> str:
+  s = repr(v)
+  return s if len(s) < 120 else s[:117] + "..."

@@ -1,0 +1,120 @@
+"""Stage 1: train one unimodal teacher per modality, select by validation."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from absl import logging
+import jax
+import ml_collections
+
+from g2d_jax.data.base import MultimodalDataset
+from g2d_jax.errors import CacheMismatchError
+from g2d_jax.methods import joint
+from g2d_jax.methods.base import Method
+from g2d_jax.pipeline import checkpoint
+from g2d_jax.pipeline import common
+from g2d_jax.pipeline import loader
+from g2d_jax.pipeline import steps
+from g2d_jax.pipeline import trainer
+
+
+def teacher_dir(workdir: str, m: str) -> str:
+  return os.path.join(workdir, "teachers", m)
+
+
+def fingerprint(config: ml_collections.ConfigDict,
+                dataset: MultimodalDataset, m: str) -> dict[str, Any]:
+  return {"modality": m, "seed": config.seed,
+          "encoder": common.encoder_spec(config, m),
+          "train": common.to_dict(config.teacher),
+          "data": dataset.fingerprint}
+
+
+def unimodal_method(task: str) -> Method:
+  def loss(outputs, batch):
+    value = joint.supervised_loss(outputs.logits, batch["label"], task)
+    return value, {"student": value}
+  return Method(name="teacher", loss=loss)
+
+
+def train_teachers(config: ml_collections.ConfigDict,
+                   dataset: MultimodalDataset, workdir: str,
+                   mesh: jax.sharding.Mesh,
+                   stop_after_steps: int | None = None) -> dict[str, Any]:
+  """Trains (or finds already trained) teachers; returns their val results."""
+  results = {}
+  train = dataset.splits["train"]
+  spe = loader.steps_per_epoch(len(train), config.teacher.batch_size)
+  for m in dataset.modalities:
+    directory = teacher_dir(workdir, m)
+    fp = fingerprint(config, dataset, m)
+    done = common.stage_done(directory, fp)
+    if done is not None:
+      logging.info("teacher/%s: already trained (best epoch %d), skipping",
+                   m, done["best"]["epoch"])
+      results[m] = done
+      continue
+    model = common.teacher_model(config, dataset, m)
+    tx = steps.make_optimizer(config.teacher.optimizer, spe)
+    state = common.new_state(model, tx, train, config.seed, mesh)
+    step = steps.make_train_step(model, tx, unimodal_method(dataset.task),
+                                 dataset.task)
+    eval_step = steps.make_eval_step(model, dataset.task)
+    val = dataset.splits["val"]
+    fit = trainer.fit(
+        name=f"teacher/{m}", directory=directory, state=state, step_fn=step,
+        train_split=train, batch_size=config.teacher.batch_size,
+        epochs=config.teacher.epochs, seed=config.seed, task=dataset.task,
+        evaluate=lambda p, b: common.evaluate_split(
+            eval_step, p, b, val, config.eval.batch_size, mesh, dataset.task),
+        mesh=mesh, fingerprint=fp, log_every_steps=config.log_every_steps,
+        checkpoint_every_steps=config.teacher.checkpoint_every_steps,
+        stop_after_steps=stop_after_steps)
+    result = {"best": fit.best, "digest": common.weights_digest(fit.weights)}
+    common.mark_done(directory, fp, result)
+    results[m] = common.to_dict({"fingerprint": fp, **result})
+  return results
+
+
+def teacher_record(config: ml_collections.ConfigDict,
+                   dataset: MultimodalDataset, workdir: str,
+                   m: str) -> dict[str, Any]:
+  """The done record of a trained teacher; raises if there is none."""
+  directory = teacher_dir(workdir, m)
+  record = common.stage_done(directory, fingerprint(config, dataset, m))
+  if record is None:
+    raise CacheMismatchError(
+        f"no trained {m} teacher for these settings in {directory}; run "
+        "--mode=teachers (or --mode=all) with this config first.")
+  return record
+
+
+def teacher_digests(config: ml_collections.ConfigDict,
+                    dataset: MultimodalDataset,
+                    workdir: str) -> dict[str, str]:
+  """sha256 of each trained teacher's selected weights."""
+  return {m: teacher_record(config, dataset, workdir, m)["digest"]
+          for m in dataset.modalities}
+
+
+def load_teacher(config: ml_collections.ConfigDict, dataset: MultimodalDataset,
+                 workdir: str, m: str, mesh: jax.sharding.Mesh):
+  """(model, best weights) of a trained teacher; raises if it is missing."""
+  record = teacher_record(config, dataset, workdir, m)
+  model = common.teacher_model(config, dataset, m)
+  like = common.abstract_weights(model, dataset.splits["train"], config.seed,
+                                 mesh)
+  ckpt = checkpoint.RunCheckpoints(
+      os.path.join(teacher_dir(workdir, m), "checkpoints"))
+  try:
+    weights, _ = ckpt.restore_best(like)
+  finally:
+    ckpt.close()
+  if common.weights_digest(weights) != record["digest"]:
+    raise CacheMismatchError(
+        f"the {m} teacher's checkpoint in {teacher_dir(workdir, m)} does not "
+        "match its done.json digest (modified or partly written); delete "
+        f"{teacher_dir(workdir, m)} and run --mode=teachers.")
+  return model, weights

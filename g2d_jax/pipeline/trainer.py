@@ -1,0 +1,212 @@
+"""The training loop shared by teachers and students.
+
+It owns everything that is not the method: batches, the jitted step, progress,
+per-epoch validation and model selection, metrics files, checkpoints and
+resuming. A resumed run replays exactly what an uninterrupted run computes:
+batch order depends only on (seed, epoch), the step's randomness only on the
+step number, and the state comes back from the checkpoint bit for bit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from absl import logging
+import jax
+import numpy as np
+
+from g2d_jax.data.base import Split
+from g2d_jax.errors import CacheMismatchError
+from g2d_jax.errors import TrainingError
+from g2d_jax.pipeline import checkpoint
+from g2d_jax.pipeline import loader
+from g2d_jax.pipeline import mesh as mesh_lib
+from g2d_jax.pipeline import metrics as metrics_lib
+from g2d_jax.pipeline.steps import TrainState
+
+
+class Interrupted(Exception):
+  """Raised by `fit(stop_after_steps=...)`; tests use it to simulate a crash."""
+
+
+@dataclasses.dataclass
+class FitResult:
+  weights: dict[str, Any]          # {"params": ..., "batch_stats": ...} best
+  best: dict[str, Any]             # {"epoch": e, "val": {...}}
+  history: list[dict[str, Any]]    # one record per epoch
+
+
+def selection_score(val: Mapping[str, float], task: str) -> float:
+  """Higher is better: fused validation accuracy, or -MAE for regression."""
+  if task == "regression":
+    return -val["mae/fused"]
+  return val["accuracy/fused"]
+
+
+def fit(*, name: str, directory: str, state: TrainState,
+        step_fn: Callable[..., Any], train_split: Split, batch_size: int,
+        epochs: int, seed: int, task: str,
+        evaluate: Callable[[Any, Any], dict[str, float]],
+        mesh: jax.sharding.Mesh, fingerprint: Mapping[str, Any],
+        teacher: Mapping[str, Any] | None = None,
+        teacher_keys: frozenset[str] = frozenset(),
+        gate: Callable[[dict[str, Any], int], dict[str, Any]] | None = None,
+        epoch_hook: Callable[[TrainState, int], TrainState] | None = None,
+        log_every_steps: int = 100, checkpoint_every_steps: int = 0,
+        stop_after_steps: int | None = None) -> FitResult:
+  """Trains `state` for `epochs`, resuming from `directory` if possible.
+
+  Args:
+    name: for log lines ("teacher/audio", "student").
+    directory: where checkpoints and metrics go.
+    state: the initial state (replicated on `mesh`).
+    step_fn: jitted `step(state, batch, epoch, rng) -> (state, metrics)`.
+    train_split: training data.
+    batch_size: global batch size.
+    epochs: number of epochs.
+    seed: for batch order and the step's randomness.
+    task: "classification" or "regression" (model selection).
+    evaluate: `(params, batch_stats) -> metrics` on the validation split.
+    mesh: the 'data' mesh.
+    fingerprint: identifies the settings; a checkpoint with another
+      fingerprint is refused rather than resumed.
+    teacher: index-aligned cached teacher outputs of the training split.
+    teacher_keys: which of them the step needs.
+    gate: `gate(batch, epoch) -> {"kappa", "confidence", "pattern"}`, the
+      student's SMP gate, computed by the input pipeline.
+    epoch_hook: `hook(state, epoch) -> state`, run before the first step of
+      every epoch (a method's host-side work, e.g. PMR's prototypes, kept in
+      `state.method_state`). Not repeated when resuming mid-epoch: the
+      checkpoint already holds its result.
+    log_every_steps: progress and host-sync interval.
+    checkpoint_every_steps: also checkpoint mid-epoch every this many steps.
+    stop_after_steps: raise `Interrupted` after this many steps of this call.
+
+  Returns:
+    The best (by validation) weights, their epoch and scores, and history.
+  """
+  os.makedirs(directory, exist_ok=True)
+  ckpt = checkpoint.RunCheckpoints(os.path.join(directory, "checkpoints"))
+  epoch_log = metrics_lib.JsonlWriter(os.path.join(directory, "metrics.jsonl"))
+  step_log = metrics_lib.JsonlWriter(os.path.join(directory, "steps.jsonl"))
+  spe = loader.steps_per_epoch(len(train_split), batch_size)
+  if spe == 0:
+    raise TrainingError(
+        f"{name}: the training split has {len(train_split)} examples, fewer "
+        f"than one batch of {batch_size}; lower the batch size.")
+
+  meta = {"epoch": 0, "step_in_epoch": 0, "sums": {}, "steps_in_sums": 0,
+          "best": None, "fingerprint": dict(fingerprint)}
+  restored = ckpt.restore_latest(state)
+  if restored is not None:
+    state, meta = restored
+    if meta["fingerprint"] != _roundtrip(fingerprint):
+      ckpt.close()
+      raise CacheMismatchError(
+          f"{directory} holds a run with different settings; use a new "
+          f"--workdir or delete {directory} to start over.")
+    logging.info("%s: resuming at epoch %d step %d", name, meta["epoch"],
+                 meta["step_in_epoch"])
+  done_global = meta["epoch"] * spe + meta["step_in_epoch"]
+  # Records written after the checkpoint we resume from are replayed.
+  epoch_log.truncate_after("epoch", meta["epoch"] - 1)
+  step_log.truncate_after("step", done_global)
+
+  rng = jax.random.key(seed)
+  progress = metrics_lib.Progress(name, epochs * spe, done_global,
+                                  log_every_steps)
+  steps_this_call = 0
+  pending: list[Any] = []
+  sums: dict[str, float] = dict(meta["sums"])
+  n_in_sums = meta["steps_in_sums"]
+
+  def drain(global_step: int) -> None:
+    """Moves pending device metrics to the host (the only sync point)."""
+    nonlocal n_in_sums
+    if not pending:
+      return
+    host = jax.device_get(pending)
+    first = global_step - len(host) + 1
+    for i, m in enumerate(host):
+      loss = float(m["loss"])
+      if not math.isfinite(loss):
+        raise TrainingError(
+            f"{name}: the loss became {loss} at step {first + i} (epoch "
+            f"{(first + i - 1) // spe}); lower the learning rate (e.g. "
+            "--config.student.optimizer.lr or --config.teacher.optimizer.lr) "
+            "or check the data. Checkpoints before this step are intact.")
+      for k, v in m.items():
+        sums[k] = sums.get(k, 0.0) + float(v)
+      per_step = {k: float(v) for k, v in m.items()
+                  if k == "loss" or k.startswith(("kappa/", "confidence/"))}
+      step_log.write({"step": first + i, **per_step})
+    n_in_sums += len(host)
+    pending.clear()
+
+  try:
+    for epoch in range(meta["epoch"], epochs):
+      start = meta["step_in_epoch"] if epoch == meta["epoch"] else 0
+      if epoch_hook is not None and start == 0:
+        state = epoch_hook(state, epoch)
+      batches = loader.train_batches(
+          train_split, batch_size, seed=seed, epoch=epoch, start_step=start,
+          teacher=teacher, teacher_keys=teacher_keys, gate=gate)
+      epoch_arg = np.int32(epoch)
+      for i, batch in enumerate(batches, start=start):
+        state, m = step_fn(state, mesh_lib.shard_batch(batch, mesh),
+                           epoch_arg, rng)
+        pending.append(m)
+        global_step = epoch * spe + i + 1
+        steps_this_call += 1
+        if global_step % log_every_steps == 0:
+          drain(global_step)
+          progress.update(global_step, f"loss {sums.get('loss', 0) / max(1, n_in_sums):.4f}")
+        if (checkpoint_every_steps and (i + 1) % checkpoint_every_steps == 0
+            and i + 1 < spe):
+          drain(global_step)
+          ckpt.save_latest(global_step, state, dict(
+              meta, epoch=epoch, step_in_epoch=i + 1, sums=sums,
+              steps_in_sums=n_in_sums))
+        if stop_after_steps is not None and steps_this_call >= stop_after_steps:
+          raise Interrupted(f"stopped after {steps_this_call} steps")
+      drain(epoch * spe + spe)
+      train = metrics_lib.summarize_counts(sums, max(1, n_in_sums))
+      val = evaluate(state.params, state.batch_stats)
+      score = selection_score(val, task)
+      record = {"epoch": epoch, "step": (epoch + 1) * spe,
+                **{f"train/{k}": v for k, v in train.items()},
+                **{f"val/{k}": v for k, v in val.items()}}
+      best = meta["best"]
+      if best is None or score > best["score"]:
+        best = {"epoch": epoch, "score": score, "val": val}
+        ckpt.save_best((epoch + 1) * spe, {"params": state.params,
+                                           "batch_stats": state.batch_stats},
+                       {"epoch": epoch, "val": val})
+      epoch_log.write(record)
+      logging.info("%s epoch %d: train loss %.4f, val %s%s", name, epoch,
+                   train.get("loss", float("nan")),
+                   _fmt(val), "  (best)" if best["epoch"] == epoch else "")
+      sums, n_in_sums = {}, 0
+      meta = dict(meta, epoch=epoch + 1, step_in_epoch=0, sums={},
+                  steps_in_sums=0, best=best)
+      ckpt.save_latest((epoch + 1) * spe, state, meta)
+    weights, best_meta = ckpt.restore_best(
+        {"params": state.params, "batch_stats": state.batch_stats})
+    return FitResult(weights=weights, best=best_meta,
+                     history=epoch_log.read())
+  finally:
+    ckpt.close()
+
+
+def _fmt(val: Mapping[str, float]) -> str:
+  return ", ".join(f"{k} {v:.4f}" for k, v in sorted(val.items()))
+
+
+def _roundtrip(obj: Any) -> Any:
+  """The value as it reads back from JSON (tuples become lists, ...)."""
+  import json  # pylint: disable=g-import-not-at-top
+  return json.loads(json.dumps(metrics_lib._jsonable(obj)))  # pylint: disable=protected-access

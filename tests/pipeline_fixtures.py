@@ -1,0 +1,49 @@
+"""Small in-memory datasets and configs for pipeline tests (not real data)."""
+
+import ml_collections
+import numpy as np
+
+from g2d_jax.data import base
+from g2d_jax.pipeline import config as config_lib
+
+
+def tiny_dataset(n_train=128, n_val=64, n_test=64, seed=0, label_offset=0):
+  """Two modalities (an 8x8 'audio' map, a 6-d 'image' vector), 4 classes.
+
+  Made up for tests; `label_offset` changes the labels (a different dataset).
+  """
+  rng = np.random.default_rng(seed)
+  splits = {}
+  for s, n in [("train", n_train), ("val", n_val), ("test", n_test)]:
+    y = ((rng.integers(0, 4, n) + label_offset) % 4).astype(np.int32)
+    a = (rng.normal(size=(n, 8, 8, 1)) + 0.5 * y[:, None, None, None])
+    b = rng.normal(size=(n, 6)) + 0.3 * y[:, None]
+    splits[s] = base.Split(inputs={"audio": a.astype(np.float32),
+                                   "image": b.astype(np.float32)},
+                           labels=y, scales={"audio": 1.0, "image": 1.0})
+  return base.MultimodalDataset(
+      "tiny_test_data", ("audio", "image"), splits, 4, "classification",
+      base.make_fingerprint("tiny_test_data", {"seed": seed}, splits,
+                            "classification"))
+
+
+def tiny_config(**overrides):
+  c = config_lib.base_config()
+  c.model.encoders = ml_collections.ConfigDict(dict(
+      audio=dict(kind="cnn", channels=(4, 8), downsample="stride"),
+      image=dict(kind="mlp", hidden_dims=(16,))))
+  c.teacher = config_lib.train_config(
+      2, 32, config_lib.optimizer_config(0.05, decay_epochs=()))
+  c.student = config_lib.train_config(
+      3, 32, config_lib.optimizer_config(0.05, decay_epochs=(2,)))
+  c.gating.taus = (1,)
+  c.eval.batch_size = 32
+  c.log_every_steps = 2
+  for k, v in overrides.items():
+    node = c
+    *path, last = k.split(".")
+    for p in path:
+      node = node[p]
+    node[last] = v
+  c.lock()
+  return c

@@ -1,0 +1,126 @@
+"""The jitted student step: gating patterns, frozen-branch skipping, data
+parallelism."""
+
+import jax
+import numpy as np
+import pytest
+
+import g2d_jax
+from g2d_jax.pipeline import common
+from g2d_jax.pipeline import loader
+from g2d_jax.pipeline import mesh as mesh_lib
+from g2d_jax.pipeline import steps
+from g2d_jax.pipeline import student as student_lib
+from tests import pipeline_fixtures as fx
+
+
+def batch_with_teacher(ds, logits_audio, logits_image, n=32):
+  b = next(loader.train_batches(ds.splits["train"], n, seed=0, epoch=0))
+  rng = np.random.default_rng(1)
+  b["teacher"] = {
+      "logits": {"audio": np.tile(np.float32(logits_audio), (n, 1)),
+                 "image": np.tile(np.float32(logits_image), (n, 1))},
+      "features": {"audio": rng.normal(size=(n, 8)).astype(np.float32),
+                   "image": rng.normal(size=(n, 16)).astype(np.float32)}}
+  b["label"] = np.zeros(n, np.int32)  # teacher confidence = p[0]
+  return b
+
+
+# Teacher logits giving: audio weaker (audio trains), image weaker.
+AUDIO_WEAK = ([0.0, 2.0, 0.0, 0.0], [3.0, 0.0, 0.0, 0.0])
+IMAGE_WEAK = ([3.0, 0.0, 0.0, 0.0], [0.0, 2.0, 0.0, 0.0])
+
+
+def one_step(config, ds, batch, epoch, mesh):
+  spe = loader.steps_per_epoch(len(ds.splits["train"]),
+                               config.student.batch_size)
+  model, tx, _, gate, step = student_lib.build(config, ds, spe)
+  state = common.new_state(model, tx, ds.splits["train"], config.seed, mesh)
+  batch = dict(batch, gate=gate.for_batch(batch, epoch))
+  new_state, metrics = step(state, mesh_lib.shard_batch(batch, mesh),
+                            np.int32(epoch), jax.random.key(0))
+  return jax.device_get(new_state), jax.device_get(metrics)
+
+
+@pytest.mark.parametrize("semantics", ["freeze", "reference"])
+@pytest.mark.parametrize("teacher,epoch,expect", [
+    (AUDIO_WEAK, 0, {"audio": 1.0, "image": 0.0}),
+    (IMAGE_WEAK, 0, {"audio": 0.0, "image": 1.0}),
+    (AUDIO_WEAK, 1, {"audio": 1.0, "image": 1.0}),
+])
+def test_skipping_frozen_backward_gives_identical_parameters(
+    semantics, teacher, epoch, expect):
+  ds = fx.tiny_dataset()
+  mesh = mesh_lib.data_mesh(jax.devices()[:1])
+  batch = batch_with_teacher(ds, *teacher)
+  results = {}
+  for skip in (False, True):
+    cfg = fx.tiny_config(**{"gating.skip_frozen_backward": skip,
+                            "gating.semantics": semantics})
+    results[skip] = one_step(cfg, ds, batch, epoch, mesh)
+  (plain, mp), (fast, mf) = results[False], results[True]
+  assert {m: float(mp[f"kappa/{m}"]) for m in ("audio", "image")} == expect
+  assert {m: float(mf[f"kappa/{m}"]) for m in ("audio", "image")} == expect
+  for a, b in zip(jax.tree.leaves(plain), jax.tree.leaves(fast)):
+    np.testing.assert_array_equal(a, b)
+  # And the frozen branch really did not move under "freeze".
+  if semantics == "freeze":
+    ds_state = common.new_state(
+        *student_lib.build(fx.tiny_config(), ds, 4)[:2], ds.splits["train"],
+        999, mesh)
+    init = jax.device_get(ds_state.params)
+    for m, k in expect.items():
+      same = all(np.array_equal(a, b) for a, b in zip(
+          jax.tree.leaves(init["encoders"][m]),
+          jax.tree.leaves(fast.params["encoders"][m])))
+      assert same == (k == 0.0), m
+
+
+def test_data_parallel_step_equals_single_device_step():
+  ds = fx.tiny_dataset()
+  cfg = fx.tiny_config()
+  batch = batch_with_teacher(ds, *AUDIO_WEAK)
+  one, m1 = one_step(cfg, ds, batch, 1, mesh_lib.data_mesh(jax.devices()[:1]))
+  four, m4 = one_step(cfg, ds, batch, 1, mesh_lib.data_mesh(jax.devices()[:4]))
+  assert len(jax.devices()) == 4
+  np.testing.assert_allclose(m1["loss"], m4["loss"], rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(one), jax.tree.leaves(four)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_step_compiles_once_across_epochs_and_gating_patterns():
+  ds = fx.tiny_dataset()
+  cfg = fx.tiny_config()
+  mesh = mesh_lib.data_mesh(jax.devices()[:1])
+  model, tx, _, gate, step = student_lib.build(cfg, ds, 4)
+  state = common.new_state(model, tx, ds.splits["train"], cfg.seed, mesh)
+  patterns = []
+  for epoch, teacher in [(0, AUDIO_WEAK), (0, IMAGE_WEAK), (1, AUDIO_WEAK),
+                         (2, IMAGE_WEAK), (0, AUDIO_WEAK)]:
+    batch = batch_with_teacher(ds, *teacher)
+    batch["gate"] = gate.for_batch(batch, epoch)
+    patterns.append(batch["gate"]["pattern"])
+    state, _ = step(state, mesh_lib.shard_batch(batch, mesh), np.int32(epoch),
+                    jax.random.key(0))
+  # audio (0) alone, image (1) alone, then all (-1): one compilation each.
+  assert patterns == [0, 1, steps.ALL, steps.ALL, 0]
+  assert step.compiled_patterns() == {0: 1, 1: 1, steps.ALL: 1}
+
+
+def test_gate_partial_suppression_inside_window_only():
+  ds = fx.tiny_dataset()
+  cfg = fx.tiny_config(**{"gating.suppression": "partial",
+                          "gating.partial_strength": 0.5})
+  gate = steps.GateSpec(cfg, ds.modalities, "classification")
+  batch = batch_with_teacher(ds, *AUDIO_WEAK)
+  g = gate.for_batch(batch, 0)
+  kappa, rho = g["kappa"], g["confidence"]
+  assert g["pattern"] == steps.ALL  # fractional gates never skip
+  p = lambda z: np.exp(z) / np.exp(z).sum()
+  ra, ri = p(np.array(AUDIO_WEAK[0]))[0], p(np.array(AUDIO_WEAK[1]))[0]
+  assert float(rho["audio"]) == pytest.approx(ra, rel=1e-5)
+  assert float(kappa["image"]) == pytest.approx(1 - np.tanh(0.5 * ri / ra),
+                                                rel=1e-5)
+  assert float(kappa["audio"]) == 1.0
+  kappa = gate.for_batch(batch, 1)["kappa"]
+  assert float(kappa["image"]) == 1.0 and float(kappa["audio"]) == 1.0
