@@ -117,9 +117,9 @@ def test_audio_matches_time_domain_recipe(small, mnist_data):
   rec_dir = os.path.join(DATA_DIR, "fsdd", "recordings")
   noise_dir = os.path.join(DATA_DIR, "speech_commands_noise")
   names = sorted(f for f in os.listdir(rec_dir) if f.endswith(".wav"))
-  # Default pools: test = the test speakers' takes outside val_takes.
-  pool = [f for f in names if f.split("_")[1] in cfg.test_speakers
-          and int(f[:-4].split("_")[2]) not in cfg.val_takes]
+  # Default pools (take split): test = every speaker's test_takes.
+  assert cfg.audio_split == "take"
+  pool = [f for f in names if int(f[:-4].split("_")[2]) in cfg.test_takes]
   n_fft, hop = cfg.n_fft, cfg.hop_length
   length = n_fft + 111 * hop
   win = scipy.signal.get_window("hann", n_fft)
@@ -167,6 +167,7 @@ def test_audio_matches_time_domain_recipe(small, mnist_data):
 
 def test_recordings_match_label_digit_and_pools_are_disjoint(mnist_data):
   cfg = avmnist.default_config()
+  cfg.audio_split = "speaker"
   recs = audio.list_fsdd(os.path.join(DATA_DIR, "fsdd", "recordings"))
   pools = avmnist.speaker_pools(recs, cfg)
   speakers = {s: {recs[i].speaker for i in p} for s, p in pools.items()}
@@ -194,6 +195,7 @@ def test_recordings_match_label_digit_and_pools_are_disjoint(mnist_data):
 
 def test_three_way_speaker_split():
   cfg = avmnist.default_config()
+  cfg.audio_split = "speaker"
   cfg.train_speakers = ("george", "jackson", "lucas", "nicolas")
   cfg.val_speakers = ("theo",)
   cfg.test_speakers = ("yweweler",)
@@ -213,6 +215,8 @@ def test_take_split_pools():
   assert takes["test"] == set(range(5))
   assert takes["val"] == set(range(5, 10))
   assert takes["train"] == set(range(10, 50))
+  assert len(pools["train"]) == 2400 and len(pools["test"]) == 300
+  assert cfg.audio_split == avmnist.default_config().audio_split
   assert sum(len(p) for p in pools.values()) == 3000
 
 

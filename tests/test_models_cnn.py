@@ -194,3 +194,28 @@ def test_dense_initialiser_is_xavier_normal():
   assert abs(np.mean(kernel**4) / var**2 - 3) < 6 * np.sqrt(24 / n)
   assert abs(np.mean(kernel)) < 6 * np.sqrt(var / n)
   np.testing.assert_array_equal(params["dense0"]["bias"], np.zeros(1024))
+
+
+def test_patchify_first_layer_is_a_patch_embedding():
+  """patchify=4: the first conv is a non-overlapping 4x4 patch embedding
+  (a reshape and a matrix product, checked in NumPy), then stride-2 convs."""
+  model = SmallCNN(channels=(16, 32), downsample="stride",
+                   use_batchnorm=False, patchify=4)
+  x = np.random.default_rng(0).normal(size=(2, 112, 112, 1)).astype(
+      np.float32)
+  variables = host_variables(model, x, train=False)
+  k = np.asarray(variables["params"]["conv0"]["kernel"], np.float64)
+  b = np.asarray(variables["params"]["conv0"]["bias"], np.float64)
+  assert k.shape == (4, 4, 1, 16)
+  _, inter = model.apply(variables, x, train=False,
+                         capture_intermediates=True)
+  first = np.asarray(inter["intermediates"]["conv0"]["__call__"][0])
+  assert first.shape == (2, 28, 28, 16)
+  patches = x.astype(np.float64).reshape(2, 28, 4, 28, 4, 1).transpose(
+      0, 1, 3, 2, 4, 5).reshape(2, 28, 28, 16)
+  np.testing.assert_allclose(first, patches @ k.reshape(16, 16) + b,
+                             rtol=1e-5, atol=1e-5)
+  out = model.apply(variables, x, train=False)
+  assert out.shape == (2, 32)   # 28x28 -> 14x14 by the stride-2 conv
+  params = _abstract(model, jnp.zeros((1, 112, 112, 1)))["params"]
+  assert _count(params) == 16 * 16 + 16 + 9 * 16 * 32 + 32

@@ -126,8 +126,14 @@ def default_config() -> ml_collections.ConfigDict:
   cfg.pca_fit = "train"
 
   # --- audio ---
-  # "speaker": pools of disjoint speakers; "take": disjoint takes.
-  cfg.audio_split = "speaker"
+  # "take": disjoint takes of all six speakers (FSDD's own split: test takes
+  # 0-4, val 5-9, train 10-49); "speaker": disjoint speakers. Calibrated
+  # default "take": with unseen speakers the teacher memorises its training
+  # speakers (training-batch confidence 0.91 against 0.54 for the image),
+  # which inverts the modality ranking SMP reads from training batches; with
+  # takes and strong noise, audio is the weak modality on training batches as
+  # on test, as in the paper (experiments/README.md, "AV-MNIST calibration").
+  cfg.audio_split = "take"
   cfg.train_speakers = ("george", "jackson", "lucas", "nicolas")
   cfg.test_speakers = ("theo", "yweweler")
   # Empty: val = the test speakers' val_takes, test = their other takes.
@@ -138,9 +144,10 @@ def default_config() -> ml_collections.ConfigDict:
   cfg.val_takes = tuple(range(5, 10))
   cfg.test_takes = tuple(range(0, 5))
   # Speech-to-noise ratio in dB; noise_files empty means clean speech.
-  # Calibrated: at 0 dB a small CNN's audio test accuracy is 41-45%
-  # (paper: 42.7%); see experiments/README.md, "AV-MNIST calibration".
-  cfg.snr_db = 0.0
+  # Calibrated with the `quick` preset's audio teacher: -13.5 dB puts its
+  # test accuracy near the paper's 42.7% with the take split (0 dB with the
+  # speaker split); see experiments/README.md, "AV-MNIST calibration".
+  cfg.snr_db = -13.5
   cfg.noise_files = audio.NOISE_FILES
   # Speech RMS in dB re full scale, before the noise is added.
   cfg.speech_level_dbfs = -20.0
