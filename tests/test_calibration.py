@@ -83,6 +83,43 @@ def test_evaluation_accumulates_ece_over_padded_batches():
   assert not any(k.startswith("ece_bins/") for k in res)
 
 
+def test_evaluation_reports_true_class_prob_and_teacher_feature_cosine():
+  """Per head, the mean softmax probability of the true class; with cached
+  teacher features, the mean student-teacher cosine per modality (NumPy)."""
+  ds = fx.tiny_dataset()
+  cfg = fx.tiny_config(method="joint")
+  mesh = mesh_lib.data_mesh(jax.devices()[:1])
+  model, tx, method, _, _ = student_lib.build(cfg, ds, 4)
+  state = student_lib.new_state(cfg, ds, model, tx, method, mesh)
+  x = ds.splits["test"].batch(np.arange(64))
+  out = model.apply({"params": state.params,
+                     "batch_stats": state.batch_stats},
+                    {m: x[m] for m in ds.modalities}, train=False)
+  rng = np.random.default_rng(3)
+  teacher = {m: {"features": rng.normal(size=np.shape(out.features[m]))
+                 .astype(np.float32)} for m in ds.modalities}
+  res = common.evaluate_split(steps.make_eval_step(model, ds.task),
+                              state.params, state.batch_stats,
+                              ds.splits["test"], 24, mesh, ds.task,
+                              teacher=teacher)
+  for head, logits in [("fused", out.logits),
+                       ("modality/image", out.modality_logits["image"])]:
+    z = np.asarray(logits, np.float64)
+    p = np.exp(z - z.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    want = np.mean(p[np.arange(64), x["label"]])
+    assert res[f"true_class_prob/{head}"] == pytest.approx(want, rel=1e-5)
+  for m in ds.modalities:
+    s_, t_ = np.asarray(out.features[m], np.float64), teacher[m]["features"]
+    cos = np.sum(s_ * t_, -1) / (np.linalg.norm(s_, axis=-1)
+                                 * np.linalg.norm(t_, axis=-1))
+    assert res[f"cosine/{m}"] == pytest.approx(np.mean(cos), abs=1e-5)
+  plain = common.evaluate_split(steps.make_eval_step(model, ds.task),
+                                state.params, state.batch_stats,
+                                ds.splits["test"], 24, mesh, ds.task)
+  assert not any(k.startswith("cosine/") for k in plain)
+
+
 def test_summarize_counts_turns_bins_into_ece():
   sums = {"count": 5.0, "correct/fused": 3.0}
   _, correct, conf = calibration.calibration_bins(PROBS, LABELS, 5,

@@ -14,7 +14,7 @@ from tests.conftest import DATA_DIR
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 
 
-def run_main(args, tmp_path, env_extra=None, data_dir=DATA_DIR):
+def run_main(args, tmp_path, env_extra=None, data_dir=DATA_DIR, cwd=ROOT):
   env = dict(os.environ)
   env.pop("XLA_FLAGS", None)
   env["G2D_CACHE_DIR"] = str(tmp_path / "cache")
@@ -24,7 +24,7 @@ def run_main(args, tmp_path, env_extra=None, data_dir=DATA_DIR):
     env["G2D_DATA_DIR"] = data_dir
   env.update(env_extra or {})
   return subprocess.run([sys.executable, "-m", "g2d_jax.main", *args],
-                        cwd=ROOT, env=env, capture_output=True, text=True,
+                        cwd=cwd, env=env, capture_output=True, text=True,
                         timeout=600)
 
 
@@ -38,8 +38,10 @@ def last_error_line(proc):
 def smoke_run(tmp_path_factory):
   tmp = tmp_path_factory.mktemp("smoke")
   workdir = tmp / "run"
-  proc = run_main(["--config=configs/avmnist.py:smoke", f"--workdir={workdir}"],
-                  tmp)
+  # As in the README: a workdir relative to the current directory.
+  proc = run_main([f"--config={ROOT}/configs/avmnist.py:smoke",
+                   "--workdir=run", "--config.eval.test_every_epoch=True"],
+                  tmp, cwd=tmp)
   assert proc.returncode == 0, proc.stderr[-3000:]
   return tmp, workdir, proc
 
@@ -59,6 +61,15 @@ def test_smoke_preset_end_to_end(smoke_run):
   records = [json.loads(l) for l in open(workdir / "student" /
                                           "metrics.jsonl")]
   assert [r["epoch"] for r in records] == [0, 1]
+  # Learning curves on test (never used for selection) and diagnostics.
+  assert all(0 <= r["test/accuracy/fused"] <= 1 and -1 <= r["val/cosine/audio"]
+             <= 1 for r in records)
+  s = summary["student"]
+  for m in ("audio", "image"):
+    assert s["modality_confidence_ratio"][m] == pytest.approx(
+        s["modality_test_true_class_prob"][m]
+        / summary["teachers"][m]["test_true_class_prob"])
+    assert -1 <= s["test_feature_cosine"][m] <= 1
   # SMP: in epoch 0 (tau_1 = 1) exactly one modality trains per batch.
   r0 = records[0]
   assert r0["train/kappa/audio"] + r0["train/kappa/image"] == pytest.approx(1)
@@ -74,8 +85,8 @@ def test_smoke_preset_end_to_end(smoke_run):
 
 def test_rerun_skips_every_finished_stage(smoke_run):
   tmp, workdir, _ = smoke_run
-  proc = run_main(["--config=configs/avmnist.py:smoke", f"--workdir={workdir}"],
-                  tmp)
+  proc = run_main(["--config=configs/avmnist.py:smoke", f"--workdir={workdir}",
+                   "--config.eval.test_every_epoch=True"], tmp)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert proc.stderr.count("skipping") == 4  # two teachers, cache, student
   assert "step 1/" not in proc.stderr

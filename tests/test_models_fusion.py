@@ -260,3 +260,43 @@ def test_regression_head_has_one_output():
                        inputs)
   assert out.logits.shape == (2, 1)
   assert out.modality_logits["weather"].shape == (2, 1)
+
+
+@pytest.mark.parametrize("dims", [(6, 5), (6, 5, 7)])
+def test_missing_modalities_late_fusion_averages_present_heads(dims):
+  """Paper Table 11: a missing modality's features are zeros and late
+  fusion averages only the present modalities' logits (NumPy)."""
+  model, params, feats, _ = _run("late", dims)
+  names = model.modalities
+  rng = np.random.default_rng(len(dims))
+  inputs = {m: rng.normal(size=(B, 3 + i)).astype(np.float32)
+            for i, m in enumerate(names)}
+  present = {m: np.array([1, 0, 1, 1, 0], np.float32) if i == 0 else
+             np.array([1, 1, 0, 1, 1], np.float32) for i, m in enumerate(names)}
+  variables = host_variables(model, inputs, train=False)
+  out = model.apply(variables, inputs, train=False, present=present)
+  heads = {m: _linear(feats[m], params["encoders"][m]["head"]) for m in names}
+  w = {m: present[m][:, None].astype(np.float64) for m in names}
+  want = sum(w[m] * heads[m] for m in names) / sum(w.values())
+  _assert_close(out.logits, want)
+  for m in names:
+    _assert_close(out.features[m], feats[m] * w[m])
+  full = model.apply(variables, inputs, train=False,
+                     present={m: np.ones(B, np.float32) for m in names})
+  _assert_close(full.logits, np.mean([heads[m] for m in names], axis=0))
+
+
+def test_missing_modalities_concat_fusion_sees_zero_features():
+  model, params, feats, _ = _run("concat", (6, 5))
+  names = model.modalities
+  rng = np.random.default_rng(2)
+  inputs = {m: rng.normal(size=(B, 3 + i)).astype(np.float32)
+            for i, m in enumerate(names)}
+  present = {names[0]: np.array([0, 1, 1, 0, 1], np.float32),
+             names[1]: np.ones(B, np.float32)}
+  variables = host_variables(model, inputs, train=False)
+  out = model.apply(variables, inputs, train=False, present=present)
+  fc = params["fusion"]["fc_out"]
+  concat = np.concatenate([feats[names[0]] * present[names[0]][:, None],
+                           feats[names[1]]], -1)
+  _assert_close(out.logits, _linear(concat, fc))

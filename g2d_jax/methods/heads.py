@@ -123,13 +123,24 @@ class WithMethodHeads(nn.Module):
                     name=AUX)
 
   def __call__(self, inputs: Mapping[str, Array], *, train: bool,
-               masks: Mapping[str, Array] | None = None) -> MethodOutput:
-    out = self.base(inputs, train=train, masks=masks)
+               masks: Mapping[str, Array] | None = None,
+               present: Mapping[str, Array] | None = None) -> MethodOutput:
+    """`present` ({m: [B] 0/1}): missing modalities, as `MultimodalModel`;
+    the shared head's fused logits then weigh only present modalities."""
+    kwargs = {} if present is None else {"present": present}
+    out = self.base(inputs, train=train, masks=masks, **kwargs)
     head_inputs, head_logits = self.aux(out.features)
     if self.spec.kind == "unimodal":
       return MethodOutput(out.logits, out.modality_logits, out.features,
                           head_inputs, head_logits)
     weights = fusion_weights(self.spec, self.modalities)
+    if present is not None:
+      w = {m: wm * present[m].astype(jnp.float32)[:, None]
+           for m, wm in zip(self.modalities, weights)}
+      fused = sum(w[m] * head_logits[m] for m in self.modalities) / (
+          jnp.maximum(sum(w.values()), 1e-12))
+      return MethodOutput(fused, dict(head_logits), out.features, head_inputs,
+                          head_logits)
     fused = sum(w * head_logits[m] for m, w in zip(self.modalities, weights))
     return MethodOutput(fused, dict(head_logits), out.features, head_inputs,
                         head_logits)

@@ -95,10 +95,25 @@ class LateFusion(nn.Module):
 
   num_outputs: int
   branch_spec: ClassVar[BranchSpec] = BranchSpec(head=True)
+  # With missing modalities (`present`), absent heads are left out of the
+  # mean instead of contributing their bias.
+  handles_missing: ClassVar[bool] = True
 
-  def __call__(self, outs: Mapping[str, BranchOutput]) -> FusionResult:
-    """Fused logits [B, C] and {m: logits [B, C]} from the branch outputs."""
+  def __call__(self, outs: Mapping[str, BranchOutput],
+               present: Mapping[str, jax.Array] | None = None
+               ) -> FusionResult:
+    """Fused logits [B, C] and {m: logits [B, C]} from the branch outputs.
+
+    `present` ({m: [B] 0/1}) averages each sample's logits over its present
+    modalities only (evaluation with missing modalities, paper Table 11).
+    """
     modality_logits = {m: o.head_logits for m, o in outs.items()}
+    if present is not None:
+      weights = {m: present[m].astype(jnp.float32)[:, None] for m in outs}
+      total = functools.reduce(
+          jnp.add, [weights[m] * modality_logits[m] for m in outs])
+      count = functools.reduce(jnp.add, weights.values())
+      return total / jnp.maximum(count, 1.0), modality_logits
     # Multiply by 1/k rather than divide: XLA rewrites x / k into that under
     # jit anyway, so eager and jitted results agree bit for bit.
     total = functools.reduce(jnp.add, modality_logits.values())

@@ -89,10 +89,17 @@ class ModalityBranch(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool,
                proj_features: int | None = None,
-               mask: jax.Array | None = None) -> BranchOutput:
-    """Encodes x; `proj_features` is the common width (None: own size)."""
+               mask: jax.Array | None = None,
+               present: jax.Array | None = None) -> BranchOutput:
+    """Encodes x; `proj_features` is the common width (None: own size).
+
+    `present` ([B] 0/1) zeroes the features of samples whose modality is
+    missing, before the head and projection see them.
+    """
     kwargs = {} if mask is None else {"mask": mask}
     features = self.backbone(x, train=train, **kwargs)
+    if present is not None:
+      features = features * present.astype(features.dtype)[:, None]
     head_logits = head_kernel = head_bias = None
     if self.head_features is not None:
       head = inits.dense(self.head_features, name="head")
@@ -120,7 +127,9 @@ class _Encoders(nn.Module):
   proj_features: int | None = None
 
   def __call__(self, inputs: Mapping[str, jax.Array], *, train: bool,
-               masks: Mapping[str, jax.Array]) -> dict[str, BranchOutput]:
+               masks: Mapping[str, jax.Array],
+               present: Mapping[str, jax.Array] | None = None
+               ) -> dict[str, BranchOutput]:
     """Runs the branches in modality order; {m: BranchOutput}."""
     outs = {}
     width = self.proj_features
@@ -128,8 +137,9 @@ class _Encoders(nn.Module):
       if m not in inputs:
         raise DataError(f"Model inputs lack modality {m!r}; got keys "
                         f"{sorted(inputs)}.")
-      outs[m] = self.branches[m](inputs[m], train=train, proj_features=width,
-                                 mask=masks.get(m))
+      outs[m] = self.branches[m](
+          inputs[m], train=train, proj_features=width, mask=masks.get(m),
+          present=None if present is None else present[m])
       # Without an explicit width, the first modality's features set it.
       if width is None:
         width = outs[m].features.shape[-1]
@@ -188,9 +198,15 @@ class MultimodalModel(nn.Module):
 
   @nn.compact
   def __call__(self, inputs: Mapping[str, jax.Array], *, train: bool,
-               masks: Mapping[str, jax.Array] | None = None
+               masks: Mapping[str, jax.Array] | None = None,
+               present: Mapping[str, jax.Array] | None = None
                ) -> MultimodalOutput:
-    """Runs every encoder and the fusion; see `MultimodalOutput`."""
+    """Runs every encoder and the fusion; see `MultimodalOutput`.
+
+    `present` ({m: [B] 0/1}) simulates missing modalities (paper Table 11):
+    a missing modality's pooled features are replaced by zeros, and late
+    fusion averages only the present modalities' logits.
+    """
     fusion_cls = fusion_class(self.fusion)
     spec = fusion_cls.branch_spec
     options = dict(self.fusion_kwargs or {})
@@ -203,9 +219,13 @@ class MultimodalModel(nn.Module):
     }
     outs = _Encoders(branches=branches, modalities=self.modalities,
                      proj_features=options.get("dim"), name="encoders")(
-                         inputs, train=train, masks=masks or {})
+                         inputs, train=train, masks=masks or {},
+                         present=present)
+    fusion_args = ({"present": present} if present is not None and
+                   getattr(fusion_cls, "handles_missing", False) else {})
     logits, modality_logits = fusion_cls(
-        num_outputs=self.num_outputs, name="fusion", **options)(outs)
+        num_outputs=self.num_outputs, name="fusion", **options)(
+            outs, **fusion_args)
     return MultimodalOutput(logits, modality_logits,
                             {m: o.features for m, o in outs.items()})
 

@@ -48,6 +48,8 @@ class RunCheckpoints:
   def __init__(self, directory: str, keep: int = 2):
     opts = lambda n: ocp.CheckpointManagerOptions(
         max_to_keep=n, create=True, enable_async_checkpointing=False)
+    # Orbax refuses relative paths; workdirs are often given relative.
+    directory = os.path.abspath(directory)
     self.directory = directory
     self._latest = ocp.CheckpointManager(os.path.join(directory, "latest"),
                                          options=opts(keep))

@@ -101,11 +101,20 @@ def abstract_weights(model: nn.Module, split: Split, seed: int,
 
 def evaluate_split(eval_step: Any, params: Any, batch_stats: Any, split: Split,
                    batch_size: int, mesh: jax.sharding.Mesh,
-                   task: str) -> dict[str, float]:
-  """Accuracy (or MAE) of the fused and per-modality outputs on a split."""
+                   task: str, teacher: Mapping[str, Any] | None = None,
+                   present: Mapping[str, np.ndarray] | None = None
+                   ) -> dict[str, float]:
+  """Accuracy (or MAE) of the fused and per-modality outputs on a split.
+
+  With `teacher` (the split's cached teacher outputs) the scores also hold
+  the student-teacher feature cosine per modality (`cosine/<m>`). With
+  `present` ({m: [N] 0/1}) the student is scored with missing modalities.
+  """
   sums: dict[str, float] = {}
   pending = []
-  for batch in loader.eval_batches(split, batch_size):
+  keys = frozenset({"features"}) if teacher else frozenset()
+  for batch in loader.eval_batches(split, batch_size, teacher=teacher,
+                                   teacher_keys=keys, present=present):
     pending.append(eval_step(params, batch_stats,
                              mesh_lib.shard_batch(batch, mesh)))
   for counts in jax.device_get(pending):

@@ -76,7 +76,18 @@ def base_config() -> ml_collections.ConfigDict:
   ))
   c.teacher = train_config(300, 16, optimizer_config())
   c.student = train_config(300, 16, optimizer_config())
-  c.eval = ml_collections.ConfigDict(dict(batch_size=256))
+  c.eval = ml_collections.ConfigDict(dict(
+      batch_size=256,
+      # Also score the student on the test split after every epoch (learning
+      # curves in metrics.jsonl as test/...; selection stays on val).
+      test_every_epoch=False,
+      # Paper Table 11: also score the student on test with each modality
+      # missing at these rates (e.g. (0.0, 0.2, 0.4, 0.6)); a missing
+      # modality's features are zeros and late fusion averages the present
+      # modalities' logits (evaluate.missing_modality_pattern).
+      missing_rates=(),
+      missing_seed=0,
+  ))
   c.log_every_steps = 100
   return c
 
@@ -137,6 +148,11 @@ def validate(config: ml_collections.ConfigDict, num_devices: int,
   if config.g2d.feature_reduction not in ("mean", "sum_features"):
     raise ConfigError("config.g2d.feature_reduction must be 'mean' or "
                       "'sum_features'.")
+  rates = tuple(config.eval.missing_rates)
+  for rate in rates:
+    if not 0.0 <= float(rate) < 1.0:
+      raise ConfigError(f"config.eval.missing_rates={rates} has {rate}; each "
+                        "rate must be in [0, 1), e.g. (0.0, 0.2, 0.4, 0.6).")
   for stage in ("teacher", "student"):
     name = config[stage].optimizer.name
     if name not in ("sgd", "adam", "adamw"):

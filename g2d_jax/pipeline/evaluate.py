@@ -6,19 +6,26 @@ from __future__ import annotations
 import os
 import platform
 import sys
+from collections.abc import Sequence
 from typing import Any
 
 from absl import logging
 import flax
 import jax
 import ml_collections
+import numpy as np
 import optax
 
 import g2d_jax
+from g2d_jax import losses
 from g2d_jax import methods
+from g2d_jax import regression_metrics
 from g2d_jax.data.base import MultimodalDataset
 from g2d_jax.errors import CacheMismatchError
+from g2d_jax.errors import ConfigError
 from g2d_jax.pipeline import common
+from g2d_jax.pipeline import loader
+from g2d_jax.pipeline import mesh as mesh_lib
 from g2d_jax.pipeline import metrics as metrics_lib
 from g2d_jax.pipeline import steps
 from g2d_jax.pipeline import student as student_lib
@@ -48,6 +55,99 @@ def _ece(res: dict[str, float], head: str) -> float | None:
   return res.get(f"ece/{head}")
 
 
+def missing_modality_pattern(num_samples: int, modalities: Sequence[str],
+                             rate: float, seed: int) -> dict[str, np.ndarray]:
+  """Which modalities each sample keeps when each is missing at `rate`.
+
+  Every (sample, modality) is dropped independently with probability
+  `rate`; a sample that would lose all of its modalities keeps the one with
+  the largest draw, so every sample has at least one. One uniform draw per
+  (sample, modality) serves every rate, so the patterns are nested: what is
+  missing at 20% is also missing at 40%.
+
+  Returns:
+    {m: float32 [N] 1 = present, 0 = missing}.
+  """
+  if not 0.0 <= rate < 1.0:
+    raise ConfigError(f"a missing-modality rate must be in [0, 1), got "
+                      f"{rate}.")
+  u = np.random.default_rng(seed).random((num_samples, len(modalities)))
+  keep = u >= rate
+  none = ~keep.any(axis=1)
+  keep[none, np.argmax(u[none], axis=1)] = True
+  return {m: keep[:, i].astype(np.float32) for i, m in enumerate(modalities)}
+
+
+def missing_modality_scores(config: ml_collections.ConfigDict,
+                            dataset: MultimodalDataset, eval_step: Any,
+                            params: Any, batch_stats: Any,
+                            mesh: jax.sharding.Mesh) -> dict[str, Any]:
+  """Test scores of the student with modalities missing at each rate of
+  `config.eval.missing_rates` (paper Table 11): {rate: {test_<metric>,
+  modality_present}}."""
+  test, kind = dataset.splits["test"], _metric(dataset.task)
+  out = {}
+  for rate in config.eval.missing_rates:
+    present = missing_modality_pattern(len(test), dataset.modalities,
+                                       float(rate), config.eval.missing_seed)
+    res = common.evaluate_split(eval_step, params, batch_stats, test,
+                                config.eval.batch_size, mesh, dataset.task,
+                                present=present)
+    out[f"{float(rate):g}"] = {
+        f"test_{kind}": res[f"{kind}/fused"],
+        "modality_present": {m: float(np.mean(v)) for m, v in
+                             present.items()}}
+    logging.info("student with modalities missing at %.0f%%: test %s %.4f",
+                 100 * rate, kind, res[f"{kind}/fused"])
+  return out
+
+
+def regression_scores(model: Any, params: Any, batch_stats: Any,
+                      dataset: MultimodalDataset, batch_size: int,
+                      mesh: jax.sharding.Mesh) -> dict[str, dict[str, Any]]:
+  """MAPE, R^2, MAE, RMSE of every head on the test split (paper Table 3).
+
+  Computed on the dataset's own target units: targets and predictions are
+  mapped back through `fingerprint["target_scaling"]` (min-max) when the
+  dataset scaled them into [0, 1] (MIS-ME); otherwise on the [0, 1] scale.
+  MAPE (and MPE) are None when a target is zero, where they are undefined.
+  """
+  test = dataset.splits["test"]
+
+  @jax.jit
+  def predict(params, batch_stats, inputs):
+    out, _ = steps.apply_model(model, params, batch_stats, inputs,
+                               train=False)
+    heads = {"fused": out.logits, **{f"modality/{m}": v for m, v in
+                                     out.modality_logits.items()}}
+    return {h: losses.regression_prediction(v) for h, v in heads.items()}
+
+  preds: dict[str, list[np.ndarray]] = {}
+  for batch in loader.eval_batches(test, batch_size):
+    out = jax.device_get(predict(params, batch_stats, mesh_lib.shard_batch(
+        batch["inputs"], mesh)))
+    n = int(batch["mask"].sum())
+    for h, v in out.items():
+      preds.setdefault(h, []).append(np.asarray(v)[:n])
+  scaling = dataset.fingerprint.get("target_scaling")
+  unscale = ((lambda v: np.asarray(v, np.float64)
+              * (scaling["max"] - scaling["min"]) + scaling["min"])
+             if scaling else (lambda v: np.asarray(v, np.float64)))
+  y = unscale(test.labels)
+  report = {}
+  for h, parts in preds.items():
+    p = unscale(np.concatenate(parts))
+    r = {"r2": regression_metrics.r2_score(y, p),
+         "mae": regression_metrics.mae(y, p),
+         "rmse": regression_metrics.rmse(y, p),
+         "mape": None, "mpe": None}
+    if np.all(y != 0):
+      r["mape"] = regression_metrics.mape(y, p)
+      r["mpe"] = regression_metrics.mpe(y, p)
+    report[h] = r
+  return report
+
+
 def run(config: ml_collections.ConfigDict, dataset: MultimodalDataset,
         workdir: str, mesh: jax.sharding.Mesh) -> dict[str, Any]:
   """Evaluates on the test split and writes `<workdir>/summary.json`.
@@ -72,6 +172,12 @@ def run(config: ml_collections.ConfigDict, dataset: MultimodalDataset,
     summary["teachers"][m] = {f"test_{kind}": res[f"{kind}/fused"]}
     if _ece(res, "fused") is not None:
       summary["teachers"][m]["test_ece"] = _ece(res, "fused")
+      summary["teachers"][m]["test_true_class_prob"] = res[
+          "true_class_prob/fused"]
+    if dataset.task == "regression":
+      summary["teachers"][m]["test_regression"] = regression_scores(
+          model, weights["params"], weights["batch_stats"], dataset,
+          config.eval.batch_size, mesh)["fused"]
     logging.info("teacher/%s test %s %.4f", m, kind, res[f"{kind}/fused"])
 
   method = student_lib.build_method(config, dataset)
@@ -84,8 +190,10 @@ def run(config: ml_collections.ConfigDict, dataset: MultimodalDataset,
     eval_step, params, batch_stats = student_lib.ensemble(config, dataset,
                                                           workdir, mesh)
     meta = _ensemble_meta(config, workdir)
+  diag = student_lib.diagnostics_cache(config, dataset, workdir)
   res = common.evaluate_split(eval_step, params, batch_stats, test,
-                              config.eval.batch_size, mesh, dataset.task)
+                              config.eval.batch_size, mesh, dataset.task,
+                              teacher=diag["test"] if diag else None)
   summary["student"] = {
       f"test_{kind}": res[f"{kind}/fused"],
       f"modality_test_{kind}": {m: res[f"{kind}/modality/{m}"]
@@ -97,10 +205,38 @@ def run(config: ml_collections.ConfigDict, dataset: MultimodalDataset,
     summary["student"]["test_ece"] = _ece(res, "fused")
     summary["student"]["modality_test_ece"] = {
         m: _ece(res, f"modality/{m}") for m in dataset.modalities}
+    # Paper Fig. 6: a modality's confidence inside the student relative to
+    # its teacher's (1 = as confident as alone).
+    summary["student"]["modality_test_true_class_prob"] = {
+        m: res[f"true_class_prob/modality/{m}"] for m in dataset.modalities}
+    summary["student"]["modality_confidence_ratio"] = {
+        m: res[f"true_class_prob/modality/{m}"]
+        / max(summary["teachers"][m]["test_true_class_prob"], 1e-12)
+        for m in dataset.modalities}
+  if any(f"cosine/{m}" in res for m in dataset.modalities):
+    # Paper Fig. 5: cosine of the student's and the teacher's features.
+    summary["student"]["test_feature_cosine"] = {
+        m: res[f"cosine/{m}"] for m in dataset.modalities
+        if f"cosine/{m}" in res}
   logging.info("student test %s %.4f, per modality %s%s", kind,
                res[f"{kind}/fused"],
                summary["student"][f"modality_test_{kind}"],
                f", ECE {res['ece/fused']:.4f}" if "ece/fused" in res else "")
+  if dataset.task == "regression" and method.trains_student:
+    reg = regression_scores(model, params, batch_stats, dataset,
+                            config.eval.batch_size, mesh)
+    summary["student"]["test_regression"] = reg["fused"]
+    summary["student"]["modality_test_regression"] = {
+        m: reg[f"modality/{m}"] for m in dataset.modalities}
+    logging.info("student test regression %s", reg["fused"])
+  if config.eval.missing_rates:
+    if not method.trains_student:
+      raise ConfigError(
+          f"config.eval.missing_rates: method {config.method!r} has no "
+          "trained student to evaluate with missing modalities; leave "
+          "missing_rates empty.")
+    summary["student"]["missing_modality"] = missing_modality_scores(
+        config, dataset, eval_step, params, batch_stats, mesh)
   summary["data_fingerprint"] = dataset.fingerprint
   summary["config"] = common.to_dict(config)
   summary["versions"] = versions()

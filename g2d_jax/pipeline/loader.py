@@ -38,12 +38,16 @@ def steps_per_epoch(num_examples: int, batch_size: int) -> int:
 
 def _fetcher(split: Split, teacher: Mapping[str, Any] | None,
              teacher_keys: frozenset[str],
-             gate: Callable[[dict[str, Any]], dict[str, Any]] | None = None):
+             gate: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+             present: Mapping[str, np.ndarray] | None = None):
   def fetch(idx: np.ndarray) -> dict[str, Any]:
     idx = np.asarray(idx, np.int64)
     raw = split.batch(idx)
     batch = {"index": idx.astype(np.int32), "label": raw["label"],
              "inputs": {m: raw[m] for m in split.inputs}}
+    if present is not None:
+      batch["present"] = {m: np.asarray(v[idx], np.float32)
+                          for m, v in present.items()}
     if teacher_keys:
       batch["teacher"] = {
           key: {m: np.asarray(teacher[m][key][idx]) for m in teacher}
@@ -76,10 +80,15 @@ def train_batches(split: Split, batch_size: int, *, seed: int, epoch: int,
 def eval_batches(split: Split, batch_size: int, *,
                  teacher: Mapping[str, Any] | None = None,
                  teacher_keys: frozenset[str] = frozenset(),
+                 present: Mapping[str, np.ndarray] | None = None,
                  ) -> Iterator[dict[str, Any]]:
-  """All samples in order; the last batch is padded and masked out."""
+  """All samples in order; the last batch is padded and masked out.
+
+  `present` ({m: [N] 0/1} over the split) adds each sample's missing-modality
+  pattern as `batch["present"]`.
+  """
   n = len(split)
-  fetch = _fetcher(split, teacher, teacher_keys)
+  fetch = _fetcher(split, teacher, teacher_keys, present=present)
 
   def padded(start: int) -> dict[str, Any]:
     idx = np.arange(start, min(start + batch_size, n))

@@ -106,7 +106,8 @@ def mean_metrics(step_metrics: Iterable[Mapping[str, Any]]) -> dict[str, float]:
 
 def summarize_counts(sums: Mapping[str, float], steps: int) -> dict[str, float]:
   """Turns summed per-batch values into rates: `correct/<head>` counts into
-  `accuracy/<head>`, `abs_err/<head>` into `mae/<head>`, the per-bin sums
+  `accuracy/<head>`, `abs_err/<head>` into `mae/<head>`, other per-sample
+  sums `psum/<name>` into means `<name>`, the per-bin sums
   `ece_bins/<head>/{correct,conf}/<b>` into the expected calibration error
   `ece/<head>` (see `g2d_jax.calibration`); anything else is a per-step
   scalar averaged over `steps`."""
@@ -123,6 +124,8 @@ def summarize_counts(sums: Mapping[str, float], steps: int) -> dict[str, float]:
       out["accuracy/" + k[len("correct/"):]] = v / count if count else 0.0
     elif k.startswith("abs_err/"):
       out["mae/" + k[len("abs_err/"):]] = v / count if count else 0.0
+    elif k.startswith("psum/"):
+      out[k[len("psum/"):]] = v / count if count else 0.0
     else:
       out[k] = v / steps
   for head, bins in gaps.items():

@@ -76,13 +76,19 @@ def init_variables(model: nn.Module, inputs: Any, seed: int) -> tuple[Any, Any]:
 
 
 def apply_model(model: nn.Module, params: Any, batch_stats: Any, inputs: Any,
-                *, train: bool, rng: Array | None = None) -> tuple[Any, Any]:
-  """Runs the model; in train mode also returns the new BatchNorm statistics."""
+                *, train: bool, rng: Array | None = None,
+                present: Any = None) -> tuple[Any, Any]:
+  """Runs the model; in train mode also returns the new BatchNorm statistics.
+
+  `present` ({m: [B] 0/1}, inference only) marks missing modalities (see
+  `models.MultimodalModel`).
+  """
   variables = {"params": params}
   if batch_stats:
     variables["batch_stats"] = batch_stats
   if not train:
-    return model.apply(variables, inputs, train=False), batch_stats
+    kwargs = {} if present is None else {"present": present}
+    return model.apply(variables, inputs, train=False, **kwargs), batch_stats
   rngs = {"dropout": rng} if rng is not None else {}
   out, mutated = model.apply(variables, inputs, train=True,
                              mutable=["batch_stats"], rngs=rngs)
@@ -115,6 +121,12 @@ def correct_counts(outputs: Any, labels: Array, task: str,
       counts[f"correct/{name}"] = jnp.sum(
           w * (jnp.argmax(logits, -1) == labels))
       if calibration_bins:
+        # The head's mean softmax probability of the true class: Eq. 5's
+        # confidence, for the paper's confidence-ratio analysis (Fig. 6).
+        p_true = jnp.take_along_axis(
+            jax.nn.softmax(logits.astype(jnp.float32), -1),
+            labels[:, None].astype(jnp.int32), -1)[:, 0]
+        counts[f"psum/true_class_prob/{name}"] = jnp.sum(w * p_true)
         _, correct_M, conf_M = calibration.calibration_bins(
             logits, labels, calibration_bins, mask_B=w)
         for b in range(calibration_bins):
@@ -327,15 +339,37 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
   return TrainStep(model, tx, method, task, gate)
 
 
+def feature_cosine(student_BxD: Array, teacher_BxD: Array) -> Array:
+  """Per-sample cosine similarity [B] of student and teacher features (the
+  feature-alignment analysis of the paper's Fig. 5); 0 for a zero vector."""
+  s = student_BxD.astype(jnp.float32)
+  t = teacher_BxD.astype(jnp.float32)
+  norms = jnp.linalg.norm(s, axis=-1) * jnp.linalg.norm(t, axis=-1)
+  return jnp.sum(s * t, axis=-1) / jnp.maximum(norms, 1e-12)
+
+
 def make_eval_step(model: nn.Module, task: str,
                    collect: bool = False) -> Callable[..., Any]:
-  """Builds `eval_step(params, batch_stats, batch) -> counts[, outputs]`."""
+  """Builds `eval_step(params, batch_stats, batch) -> counts[, outputs]`.
+
+  Counts (summed over the batch's unmasked samples; see
+  `metrics.summarize_counts`): correct predictions or absolute errors per
+  head, ECE bins, each head's true-class probability and, when the batch
+  carries cached teacher features, the student-teacher feature cosine per
+  modality. A batch with `present` ({m: [B] 0/1}) is scored with those
+  modalities missing.
+  """
 
   def eval_step(params, batch_stats, batch):
     out, _ = apply_model(model, params, batch_stats, batch["inputs"],
-                         train=False)
+                         train=False, present=batch.get("present"))
     counts = correct_counts(out, batch["label"], task, batch["mask"],
                             calibration_bins=ECE_BINS)
+    teacher = batch.get("teacher", {}).get("features", {})
+    for m, t in teacher.items():
+      if m in out.features and out.features[m].shape == t.shape:
+        counts[f"psum/cosine/{m}"] = jnp.sum(
+            batch["mask"] * feature_cosine(out.features[m], t))
     return (counts, out) if collect else counts
 
   return jax.jit(eval_step)

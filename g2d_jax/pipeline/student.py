@@ -166,15 +166,28 @@ def train_student(config: ml_collections.ConfigDict,
     common.mark_done(directory, fp, result)
     return common.to_dict({"fingerprint": fp, **result})
   cache = precompute.load_cache(workdir, dataset, digests) if keys else None
+  # Feature alignment with the teachers is reported for every method whose
+  # workdir has a teacher cache, including those that do not train on it.
+  diag = cache if cache is not None else diagnostics_cache(config, dataset,
+                                                           workdir)
   model, tx, _, gate, step = build(config, dataset, spe)
   state = new_state(config, dataset, model, tx, method, mesh)
   eval_step = steps.make_eval_step(model, dataset.task)
+
+  def scorer(split_name):
+    split = dataset.splits[split_name]
+    teacher = diag[split_name] if diag is not None else None
+    return lambda p, b: common.evaluate_split(
+        eval_step, p, b, split, config.eval.batch_size, mesh, dataset.task,
+        teacher=teacher)
+
   fit = trainer.fit(
       name="student", directory=directory, state=state, step_fn=step,
       train_split=train, batch_size=config.student.batch_size,
       epochs=config.student.epochs, seed=config.seed, task=dataset.task,
-      evaluate=lambda p, b: common.evaluate_split(
-          eval_step, p, b, val, config.eval.batch_size, mesh, dataset.task),
+      evaluate=scorer("val"),
+      monitors={"test": scorer("test")} if config.eval.test_every_epoch
+      else None,
       mesh=mesh, fingerprint=fp,
       teacher=cache["train"] if cache else None, teacher_keys=keys,
       gate=gate.for_batch,
@@ -187,6 +200,18 @@ def train_student(config: ml_collections.ConfigDict,
   result = {"best": fit.best}
   common.mark_done(directory, fp, result)
   return common.to_dict({"fingerprint": fp, **result})
+
+
+def diagnostics_cache(config: ml_collections.ConfigDict,
+                      dataset: MultimodalDataset, workdir: str):
+  """The workdir's teacher cache if it matches the trained teachers, else
+  None (diagnostics are then skipped; training never depends on this)."""
+  try:
+    digests = teachers_lib.teacher_digests(config, dataset, workdir)
+    return precompute.load_cache(workdir, dataset, digests)
+  except CacheMismatchError as e:
+    logging.info("student: no feature-alignment diagnostics (%s)", e)
+    return None
 
 
 def ensemble(config: ml_collections.ConfigDict, dataset: MultimodalDataset,

@@ -56,6 +56,8 @@ def fit(*, name: str, directory: str, state: TrainState,
         teacher_keys: frozenset[str] = frozenset(),
         gate: Callable[[dict[str, Any], int], dict[str, Any]] | None = None,
         epoch_hook: Callable[[TrainState, int], TrainState] | None = None,
+        monitors: Mapping[str, Callable[[Any, Any], dict[str, float]]]
+        | None = None,
         log_every_steps: int = 100, checkpoint_every_steps: int = 0,
         stop_after_steps: int | None = None) -> FitResult:
   """Trains `state` for `epochs`, resuming from `directory` if possible.
@@ -82,6 +84,9 @@ def fit(*, name: str, directory: str, state: TrainState,
       every epoch (a method's host-side work, e.g. PMR's prototypes, kept in
       `state.method_state`). Not repeated when resuming mid-epoch: the
       checkpoint already holds its result.
+    monitors: {name: (params, batch_stats) -> metrics} run after every
+      epoch and recorded as `<name>/<metric>` (e.g. the test split, for
+      learning curves); never used for model selection.
     log_every_steps: progress and host-sync interval.
     checkpoint_every_steps: also checkpoint mid-epoch every this many steps.
     stop_after_steps: raise `Interrupted` after this many steps of this call.
@@ -180,6 +185,9 @@ def fit(*, name: str, directory: str, state: TrainState,
       record = {"epoch": epoch, "step": (epoch + 1) * spe,
                 **{f"train/{k}": v for k, v in train.items()},
                 **{f"val/{k}": v for k, v in val.items()}}
+      for prefix, monitor in (monitors or {}).items():
+        record.update({f"{prefix}/{k}": v for k, v in
+                       monitor(state.params, state.batch_stats).items()})
       best = meta["best"]
       if best is None or score > best["score"]:
         best = {"epoch": epoch, "score": score, "val": val}
