@@ -11,9 +11,14 @@ import ml_collections
 
 from g2d_jax import errors
 from g2d_jax.data import avmnist
+from g2d_jax.data import cremad
+from g2d_jax.data import iemocap
 from g2d_jax.data import mfeat
+from g2d_jax.data import misme
 from g2d_jax.data import multibench
 from g2d_jax.data import synthetic
+from g2d_jax.data import urfunny
+from g2d_jax.data import vggsound
 from g2d_jax.data.base import MultimodalDataset
 from g2d_jax.data.base import Split
 
@@ -22,6 +27,11 @@ _MODULES = {
     multibench.NAME: multibench,
     mfeat.NAME: mfeat,
     synthetic.NAME: synthetic,
+    cremad.NAME: cremad,
+    vggsound.NAME: vggsound,
+    urfunny.NAME: urfunny,
+    iemocap.NAME: iemocap,
+    misme.NAME: misme,
 }
 DATASET_NAMES = tuple(_MODULES)
 
