@@ -108,6 +108,16 @@ def kappa_gate(inner: optax.GradientTransformation, modality: str, *,
   inner = optax.with_extra_args_support(inner)
 
   def init_fn(params):
+    if semantics == "reference" and not any(
+        gated_leaf(p, x) for p, x in
+        jax.tree_util.tree_leaves_with_path(params)):
+      # Otherwise kappa would silently never act on this branch.
+      raise ValueError(
+          f"semantics='reference' gates only the {gated_leaf.__name__} "
+          f"leaves (the official code's conv kernels), and modality "
+          f"{modality!r} has none (an MLP or Transformer encoder?): use "
+          "semantics='freeze', or pass a gated_leaf that selects its "
+          "parameters.")
     return inner.init(params)
 
   def update_fn(updates, state, params=None, *, kappa=None, **extra_args):

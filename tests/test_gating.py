@@ -241,3 +241,14 @@ def test_label_function_equals_label_tree():
   b, _ = run(g2d_jax.smp_optimizer(sgd(), fn(params)), params, [kappa] * 2)
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
     np.testing.assert_array_equal(x, y)
+
+
+def test_reference_semantics_refuses_a_branch_without_conv_kernels():
+  """An MLP branch has no 4-D leaves: `reference` would never gate it."""
+  params = {"encoders": {"audio": {"conv": {"kernel": jnp.ones((3, 3, 1, 2))}},
+                         "image": {"dense": {"kernel": jnp.ones((4, 2))}}}}
+  labels = g2d_jax.modality_labels(params, ("audio", "image"))
+  tx = g2d_jax.smp_optimizer(optax.sgd(0.1), labels, semantics="reference")
+  with pytest.raises(ValueError, match="modality 'image' has none"):
+    tx.init(params)
+  g2d_jax.smp_optimizer(optax.sgd(0.1), labels, semantics="freeze").init(params)

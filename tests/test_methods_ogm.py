@@ -155,3 +155,10 @@ def test_training_step_applies_the_coefficients():
         got, p0 = got[p.key], p0[p.key]
       np.testing.assert_allclose(got, p0 - 0.05 * scale * np.asarray(g),
                                  rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("fusion", ["sum", "film", "gated", "cross_attention"])
+def test_fusions_without_the_released_scores_are_refused(fusion):
+  cfg = fx.tiny_config(method="ogm", **{"model.fusion": fusion})
+  with pytest.raises(ConfigError, match="fusion= one of .'late', 'concat'."):
+    ogm.build(cfg, "classification", modalities=("audio", "image"))

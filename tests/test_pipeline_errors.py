@@ -11,6 +11,7 @@ from g2d_jax.errors import TrainingError
 from g2d_jax.pipeline import common
 from g2d_jax.pipeline import config as config_lib
 from g2d_jax.pipeline import mesh as mesh_lib
+from g2d_jax.pipeline import student as student_lib
 from g2d_jax.pipeline import teachers
 from tests import pipeline_fixtures as fx
 
@@ -50,3 +51,12 @@ def test_diverging_loss_stops_with_a_message_and_no_done_marker(tmp_path):
   assert not os.path.exists(os.path.join(audio, common.DONE))
   with pytest.raises(Exception, match="--mode=teachers"):
     teachers.teacher_digests(cfg, ds, str(tmp_path))
+
+
+def test_reference_gating_on_an_encoder_without_convs_is_a_config_error():
+  """fx's image encoder is an MLP: `reference` would never gate it."""
+  ds = fx.tiny_dataset()
+  cfg = fx.tiny_config(**{"gating.semantics": "reference"})
+  with pytest.raises(ConfigError, match="'image' encoder has none; use "
+                     "--config.gating.semantics=freeze"):
+    student_lib.build(cfg, ds, 4)

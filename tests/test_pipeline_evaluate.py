@@ -108,3 +108,23 @@ def test_regression_scores_unscale_targets_and_match_numpy():
         1 - np.sum((y - p) ** 2) / np.sum((y - y.mean()) ** 2), rel=1e-5)
     assert rep[head]["mae"] == pytest.approx(regression_metrics.mae(y, p),
                                              rel=1e-5)
+
+
+def test_method_unimodal_heads_are_scored_as_aux():
+  """MLB's own unimodal heads (what its released code reports) are scored
+  beside the fusion's per-modality logits."""
+  ds = fx.tiny_dataset()
+  cfg = fx.tiny_config(method="mlb")
+  mesh = mesh_lib.data_mesh(jax.devices()[:1])
+  model, tx, method, _, _ = student_lib.build(cfg, ds, 4)
+  state = student_lib.new_state(cfg, ds, model, tx, method, mesh)
+  res = common.evaluate_split(steps.make_eval_step(model, ds.task),
+                              state.params, state.batch_stats,
+                              ds.splits["test"], 24, mesh, ds.task)
+  x = ds.splits["test"].batch(np.arange(64))
+  out = model.apply({"params": state.params,
+                     "batch_stats": state.batch_stats},
+                    {m: x[m] for m in ds.modalities}, train=False)
+  for m in ds.modalities:
+    want = np.mean(np.argmax(out.head_logits[m], -1) == x["label"])
+    assert res[f"accuracy/aux/{m}"] == pytest.approx(want)

@@ -4,8 +4,11 @@
 Per training batch, with the fused objective CE(fused logits) only:
 
 1. Scores s_m = sum_i softmax(l_m(x_i))[y_i] from the student's per-modality
-   logits (the fusion's own per-modality outputs: for late and sum fusion
-   each modality's head, for concat its slice of the fused layer).
+   logits (the fusion's own per-modality outputs: for late fusion each
+   modality's head, for concat its slice of the fused layer with bias/2).
+   Other fusions are refused: the released code scores sum fusion with the
+   full bias (our sum fusion reports G2D's bias/k) and has no per-modality
+   score for FiLM, gated or cross-attention.
 2. The dominant modality (largest score; ties: the first modality, as the
    code's `else` branch) gets k = 1 - tanh(alpha * rho), rho = its score over
    the mean score of the others; every other modality gets k = 1.
@@ -135,6 +138,10 @@ def modulate(grads, coeffs: Mapping[str, Array], *, active: Array,
   return out
 
 
+# Fusions whose per-modality logits are the released code's OGM scores.
+OGM_FUSIONS = ("late", "concat")
+
+
 def build(config: ml_collections.ConfigDict, task: str, *,
           modalities: Sequence[str] | None = None, **unused) -> Method:
   del unused
@@ -145,6 +152,15 @@ def build(config: ml_collections.ConfigDict, task: str, *,
     raise ConfigError(f"config.{name}.scope={c.scope!r} must be one of "
                       f"{SCOPES}.")
   ge = name == "ogm_ge"
+  fusion = config.get("model", {}).get("fusion", "late")
+  if fusion not in OGM_FUSIONS:
+    # The released code scores fc_x(a) with the full bias for sum fusion
+    # (our sum fusion reports bias/k, G2D's convention) and has no
+    # per-modality score for FiLM, gated or cross-attention fusion.
+    raise ConfigError(
+        f"config.method={name!r} scores each modality with its own head, "
+        f"which fusion {fusion!r} does not provide in the released form; "
+        f"use --config.model.fusion= one of {OGM_FUSIONS}.")
 
   def loss(outputs, batch):
     value = joint.supervised_loss(outputs.logits, batch["label"], task)

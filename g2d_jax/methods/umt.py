@@ -6,7 +6,8 @@ features, with the teachers' features from the precomputed cache.
 
 No official code exists (see the reference notes). The loss follows
 BalanceBenchmark's reimplementation and the G2D authors' feature-only KD
-preset (`aTF+vTF-to-mS`), which is what the G2D paper compares against:
+preset (`aTF+vTF-to-mS`), which most likely served as the paper's UMT (the
+reference notes infer this; the code does not name it):
 `feature_reduction="mean"` is their `F.mse_loss` over all B x D elements and
 `alpha=1` their weight (BalanceBenchmark uses 10, for epochs 0-80).
 """

@@ -201,6 +201,9 @@ def run(config: ml_collections.ConfigDict, dataset: MultimodalDataset,
       "best_epoch": meta["epoch"],
       "val": meta["val"],
       "method": config.method, "smp": methods.smp_enabled(config)}
+  if any(k.startswith(f"{kind}/aux/") for k in res):
+    summary["student"][f"aux_head_test_{kind}"] = {
+        m: res[f"{kind}/aux/{m}"] for m in dataset.modalities}
   if _ece(res, "fused") is not None:
     summary["student"]["test_ece"] = _ece(res, "fused")
     summary["student"]["modality_test_ece"] = {

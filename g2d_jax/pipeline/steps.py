@@ -113,6 +113,10 @@ def correct_counts(outputs: Any, labels: Array, task: str,
   counts = {"count": jnp.sum(w)}
   heads = {"fused": outputs.logits, **{f"modality/{m}": v for m, v in
                                        outputs.modality_logits.items()}}
+  # A method's own unimodal heads (MLB, MMPareto): what their released code
+  # reports as the modalities' accuracy.
+  heads.update({f"aux/{m}": v for m, v in
+                getattr(outputs, "head_logits", {}).items()})
   for name, logits in heads.items():
     if task == "regression":
       pred = g2d_jax.losses.regression_prediction(logits)

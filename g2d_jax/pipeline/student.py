@@ -17,6 +17,7 @@ from g2d_jax import methods
 from g2d_jax import models
 from g2d_jax.data.base import MultimodalDataset
 from g2d_jax.errors import CacheMismatchError
+from g2d_jax.errors import ConfigError
 from g2d_jax.methods import heads as method_heads
 from g2d_jax.methods import ume
 from g2d_jax.pipeline import checkpoint
@@ -78,6 +79,16 @@ def build(config: ml_collections.ConfigDict, dataset: MultimodalDataset,
   params, _ = jax.eval_shape(lambda: steps.init_variables(
       model, common.example_inputs(dataset.splits["train"], 2), config.seed))
   labels = g2d_jax.modality_labels(params, dataset.modalities)
+  if config.gating.semantics == "reference" and methods.smp_enabled(config):
+    gated = {label for (path, leaf), label in zip(
+        jax.tree_util.tree_leaves_with_path(params), jax.tree.leaves(labels))
+             if g2d_jax.gating.conv_kernel(path, leaf)}
+    for m in dataset.modalities:
+      if m not in gated:
+        raise ConfigError(
+            f"config.gating.semantics='reference' gates only conv kernels "
+            f"(the official code's rule) and the {m!r} encoder has none; "
+            "use --config.gating.semantics=freeze.")
   # A method with several optimizer updates per batch (MLA) advances the
   # schedule's step count that many times per batch.
   tx = g2d_jax.smp_optimizer(
