@@ -96,6 +96,12 @@ def jax_worker() -> None:
   def setup(v):
     cfg = avmnist.get_config(v["model"])
     cfg.unlock()
+    for m in ("audio", "image"):
+      enc = cfg.model.encoders[m]
+      if enc.kind == "resnet18":
+        fast = v["kernels"] == "fast"
+        enc.conv_impl = "auto" if fast else "xla"
+        enc.pool_impl = "fast" if fast else "xla"
     cfg.method = v["method"]
     cfg.smp = v["method"] != "joint"
     cfg.gating.taus = (1,)
@@ -265,6 +271,10 @@ def main() -> None:
   ap.add_argument("--methods", default="joint,g2d",
                   help="JAX methods; torch implements joint and g2d")
   ap.add_argument("--impls", default="jax,torch")
+  ap.add_argument("--kernels", default="fast",
+                  help="JAX ResNet kernels: xla (XLA's conv and max-pool), "
+                  "fast (g2d_jax.models.conv: im2col where faster, "
+                  "max-pool gradient without select-and-scatter), or both")
   ap.add_argument("--reps", type=int, default=5)
   ap.add_argument("--steps", type=int, default=5, help="steps per block")
   ap.add_argument("--quiet_threshold", type=float, default=0.15,
@@ -290,18 +300,23 @@ def main() -> None:
                                      [int(b) for b in args.batch_sizes.split(",")]):
     for impl in impls:
       methods = args.methods.split(",") if impl == "jax" else ["joint", "g2d"]
-      for method in methods:
-        patterns = PATTERNS if method == "g2d" else ("all",)
-        for pattern in patterns:
-          variants.append(dict(id=len(variants), impl=impl, method=method,
-                               pattern=pattern, model=model, batch_size=bs))
+      kernels = (args.kernels.split(",") if impl == "jax" and model == "paper"
+                 else ["-"])
+      for kern in kernels:
+        for method in methods:
+          patterns = PATTERNS if method == "g2d" else ("all",)
+          for pattern in patterns:
+            variants.append(dict(id=len(variants), impl=impl, method=method,
+                                 pattern=pattern, model=model,
+                                 batch_size=bs, kernels=kern))
 
   workers = {impl: Worker(impl) for impl in impls}
   try:
     setups = {}
     for v in variants:
       setups[v["id"]] = workers[v["impl"]].call(cmd="setup", variant=v)
-      print(f"setup {v['impl']:5s} {v['model']:5s} bs{v['batch_size']:<4d} "
+      print(f"setup {v['impl']:5s} {v['kernels']:4s} {v['model']:5s} "
+            f"bs{v['batch_size']:<4d} "
             f"{v['method']:8s} {v['pattern']:6s} compile "
             f"{setups[v['id']]['compile_s']:.1f} s", file=sys.stderr)
     # Same model and pattern: the PyTorch step does the same FLOPs as JAX's
@@ -332,11 +347,16 @@ def main() -> None:
     if v["impl"] == "torch":
       twin = [u for u in variants if u["impl"] == "jax" and
               u["model"] == v["model"] and u["batch_size"] == v["batch_size"]
-              and u["method"] == v["method"] and u["pattern"] == "all"]
+              and u["method"] == v["method"] and u["pattern"] == "all"
+              and u["kernels"] in ("xla", "-")]
+      twin = twin or [u for u in variants if u["impl"] == "jax" and
+                      u["model"] == v["model"] and
+                      u["batch_size"] == v["batch_size"] and
+                      u["method"] == v["method"] and u["pattern"] == "all"]
       flops = setups[twin[0]["id"]]["flops"] if twin else 0.0
     records.append(dict(
         impl=v["impl"], method=v["method"], pattern=v["pattern"],
-        model=v["model"], batch_size=v["batch_size"],
+        model=v["model"], batch_size=v["batch_size"], kernels=v["kernels"],
         median_ms=1e3 * med, min_ms=1e3 * min(bl), max_ms=1e3 * max(bl),
         block_medians_ms=[1e3 * x for x in bl], compile_s=s["compile_s"],
         first_step_s=s["first_step_s"], flops=flops,
@@ -347,9 +367,9 @@ def main() -> None:
   for r in records:
     same = lambda u, **kw: all(u[k] == kw.get(k, r[k]) for k in
                                ("impl", "method", "pattern", "model",
-                                "batch_size"))
+                                "batch_size", "kernels"))
     joint = [u for u in records if same(u, method="joint", pattern="all")]
-    torch_twin = [u for u in records if same(u, impl="torch")]
+    torch_twin = [u for u in records if same(u, impl="torch", kernels="-")]
     if joint:
       r["ratio_to_joint"] = statistics.median(
           a / b for a, b in zip(r["block_medians_ms"],
@@ -380,13 +400,15 @@ def _cpu_model() -> str:
 
 
 def print_table(records) -> None:
-  head = (f"{'impl':5s} {'model':5s} {'bs':>4s} {'method':9s} {'pattern':7s} "
+  head = (f"{'impl':5s} {'kern':4s} {'model':5s} {'bs':>4s} {'method':9s} "
+          f"{'pattern':7s} "
           f"{'median ms':>10s} {'min':>8s} {'max':>8s} {'ex/s':>7s} "
           f"{'GFLOP/s':>8s} {'/joint':>7s} {'jax/torch':>9s} {'compile s':>9s}")
   print(head)
   for r in records:
     fmt = lambda k, f: (f % r[k]) if r.get(k) is not None else "-"
-    print(f"{r['impl']:5s} {r['model']:5s} {r['batch_size']:4d} "
+    print(f"{r['impl']:5s} {r['kernels']:4s} {r['model']:5s} "
+          f"{r['batch_size']:4d} "
           f"{r['method']:9s} {r['pattern']:7s} {r['median_ms']:10.1f} "
           f"{r['min_ms']:8.1f} {r['max_ms']:8.1f} {r['examples_per_s']:7.1f} "
           f"{fmt('gflops_per_s', '%.1f'):>8s} {fmt('ratio_to_joint', '%.3f'):>7s} "

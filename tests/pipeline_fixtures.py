@@ -7,10 +7,12 @@ from g2d_jax.data import base
 from g2d_jax.pipeline import config as config_lib
 
 
-def tiny_dataset(n_train=128, n_val=64, n_test=64, seed=0, label_offset=0):
+def tiny_dataset(n_train=128, n_val=64, n_test=64, seed=0, label_offset=0,
+                 image_map=False):
   """Two modalities (an 8x8 'audio' map, a 6-d 'image' vector), 4 classes.
 
-  Made up for tests; `label_offset` changes the labels (a different dataset).
+  Made up for tests; `label_offset` changes the labels (a different dataset);
+  `image_map` makes the image a 6x6 map (for two conv encoders, `CNN_IMAGE`).
   """
   rng = np.random.default_rng(seed)
   splits = {}
@@ -18,6 +20,8 @@ def tiny_dataset(n_train=128, n_val=64, n_test=64, seed=0, label_offset=0):
     y = ((rng.integers(0, 4, n) + label_offset) % 4).astype(np.int32)
     a = (rng.normal(size=(n, 8, 8, 1)) + 0.5 * y[:, None, None, None])
     b = rng.normal(size=(n, 6)) + 0.3 * y[:, None]
+    if image_map:
+      b = (rng.normal(size=(n, 6, 6, 1)) + 0.3 * y[:, None, None, None])
     splits[s] = base.Split(inputs={"audio": a.astype(np.float32),
                                    "image": b.astype(np.float32)},
                            labels=y, scales={"audio": 1.0, "image": 1.0})
@@ -25,6 +29,11 @@ def tiny_dataset(n_train=128, n_val=64, n_test=64, seed=0, label_offset=0):
       "tiny_test_data", ("audio", "image"), splits, 4, "classification",
       base.make_fingerprint("tiny_test_data", {"seed": seed}, splits,
                             "classification"))
+
+
+# tiny_config override: a conv image encoder (with tiny_dataset(image_map)).
+CNN_IMAGE = {"model.encoders.image": dict(kind="cnn", channels=(4, 8),
+                                          downsample="stride")}
 
 
 def tiny_config(**overrides):

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from g2d_jax.models import conv as conv_lib
 from g2d_jax.models import ResNet18, conv_kernel_init
 from g2d_jax.models import initializers as inits
 from tests.model_fixtures import host_variables
@@ -148,7 +149,7 @@ def test_layers_use_official_initialisers_and_batch_norm_settings():
 
   with nn.intercept_methods(record):
     _abstract_init(ResNet18(), (1, 32, 32, 1))
-  convs = [m for m in seen if isinstance(m, nn.Conv)]
+  convs = [m for m in seen if isinstance(m, (nn.Conv, conv_lib.Conv))]
   norms = [m for m in seen if isinstance(m, nn.BatchNorm)]
   assert len(convs) == 20 and len(norms) == 20
   assert all(c.kernel_init is conv_kernel_init and not c.use_bias

@@ -5,9 +5,15 @@ import jax.numpy as jnp
 import flax.linen as nn
 
 from g2d_jax.errors import DataError
+from g2d_jax.models import conv as conv_lib
 from g2d_jax.models import initializers as inits
 
 _PAD1 = ((1, 1), (1, 1))
+
+
+def _conv(features, kernel_size, *, impl, **kwargs):
+  return conv_lib.Conv(features, kernel_size, kernel_init=inits.conv_kernel_init,
+                       impl=impl, **kwargs)
 
 
 class BasicBlock(nn.Module):
@@ -15,20 +21,22 @@ class BasicBlock(nn.Module):
 
   features: int
   strides: int = 1
+  conv_impl: str = "xla"
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
-    y = inits.conv(self.features, (3, 3), strides=self.strides, padding=_PAD1,
-                   use_bias=False, name="conv1")(x)
+    impl = self.conv_impl
+    y = _conv(self.features, (3, 3), strides=self.strides, padding=_PAD1,
+              use_bias=False, impl=impl, name="conv1")(x)
     y = nn.relu(inits.batch_norm(train, name="bn1")(y))
-    y = inits.conv(self.features, (3, 3), padding=_PAD1, use_bias=False,
-                   name="conv2")(y)
+    y = _conv(self.features, (3, 3), padding=_PAD1, use_bias=False,
+              impl=impl, name="conv2")(y)
     y = inits.batch_norm(train, name="bn2")(y)
     shortcut = x
     if self.strides != 1 or x.shape[-1] != self.features:
       # torchvision's downsample branch: 1x1 strided conv then BN.
-      shortcut = inits.conv(self.features, (1, 1), strides=self.strides,
-                            use_bias=False, name="downsample_conv")(x)
+      shortcut = _conv(self.features, (1, 1), strides=self.strides,
+                       use_bias=False, impl=impl, name="downsample_conv")(x)
       shortcut = inits.batch_norm(train, name="downsample_bn")(shortcut)
     return nn.relu(y + shortcut)
 
@@ -49,9 +57,15 @@ class ResNet18(nn.Module):
   Attributes:
     width: channels of the first stage; 64 is the official network, smaller
       values give the narrow variants CPU experiments need.
+    conv_impl: "xla", "im2col" or "auto" (`g2d_jax.models.conv`): the same
+      function, computed with the kernels that are fastest on CPU ("auto").
+    pool_impl: "xla" or "fast" (the stem max-pool's gradient without
+      select-and-scatter; same values).
   """
 
   width: int = 64
+  conv_impl: str = "xla"
+  pool_impl: str = "xla"
 
   @property
   def features_dim(self) -> int:
@@ -70,15 +84,16 @@ class ResNet18(nn.Module):
       raise DataError(
           f"ResNet18 expects [N, H, W, C] or [N, T, H, W, C], got {x.shape}.")
 
-    y = inits.conv(self.width, (7, 7), strides=2, padding=((3, 3), (3, 3)),
-                   use_bias=False, name="conv1")(x)
+    y = _conv(self.width, (7, 7), strides=2, padding=((3, 3), (3, 3)),
+              use_bias=False, impl=self.conv_impl, name="conv1")(x)
     y = nn.relu(inits.batch_norm(train, name="bn1")(y))
-    # nn.max_pool pads with -inf, matching PyTorch's MaxPool2d(3, 2, 1).
-    y = nn.max_pool(y, (3, 3), strides=(2, 2), padding=_PAD1)
+    # Pads with -inf, matching PyTorch's MaxPool2d(3, 2, 1).
+    y = conv_lib.max_pool(y, 3, 2, 1, impl=self.pool_impl)
     for stage, multiplier in enumerate((1, 2, 4, 8)):
       for block in range(2):
         strides = 2 if stage > 0 and block == 0 else 1
         y = BasicBlock(self.width * multiplier, strides=strides,
+                       conv_impl=self.conv_impl,
                        name=f"layer{stage + 1}_{block}")(y, train=train)
 
     if t is None:

@@ -248,13 +248,14 @@ class TrainStep:
       rng = jax.random.fold_in(rng, state.step)
       batch = dict(batch, epoch=epoch, step=state.step,
                    method_state=state.method_state)
-      view = state.params
-      if pattern != ALL:
-        for j, m in enumerate(gate.modalities):
-          if j != pattern:
-            view = _frozen_view(view, m, gate.semantics)
+      frozen = ([] if pattern == ALL else
+                [m for j, m in enumerate(gate.modalities) if j != pattern])
 
       def forward(params):
+        # stop_gradient must act inside the differentiated function: on the
+        # parameters `value_and_grad` differentiates, not on its argument.
+        for m in frozen:
+          params = _frozen_view(params, m, gate.semantics)
         return apply_model(model, params, state.batch_stats, batch["inputs"],
                            train=True, rng=rng)
 
@@ -283,14 +284,15 @@ class TrainStep:
 
       method_state = state.method_state
       if method.update is not None:
-        res = method.update(forward, view, state.opt_state, batch, rng, apply)
+        res = method.update(forward, state.params, state.opt_state, batch, rng,
+                            apply)
         params, opt_state, new_bs = res.params, res.opt_state, res.batch_stats
         loss, parts, out = res.loss, res.metrics, res.outputs
         method_state = res.method_state
       else:
         if method.compute_grads is not None:
           loss, parts, out, new_bs, grads = method.compute_grads(
-              forward, view, batch, rng)
+              forward, state.params, batch, rng)
         else:
           def loss_fn(params):
             out, new_bs = forward(params)
@@ -298,7 +300,7 @@ class TrainStep:
             return loss, (parts, new_bs, out)
 
           (loss, (parts, new_bs, out)), grads = jax.value_and_grad(
-              loss_fn, has_aux=True)(view)
+              loss_fn, has_aux=True)(state.params)
         if method.modulate_grads is not None:
           grads, gmetrics = method.modulate_grads(grads, out, batch, epoch,
                                                   rng)
