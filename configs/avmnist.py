@@ -47,7 +47,10 @@ def get_config(preset: str = "paper") -> ml_collections.ConfigDict:
   c.model.fusion = "late"
 
   if preset == "paper":
-    resnet = dict(kind="resnet18", width=64)
+    # The same network as the official ResNet-18; "auto"/"fast" only choose
+    # CPU-friendlier kernels for it (g2d_jax/models/conv.py).
+    resnet = dict(kind="resnet18", width=64, conv_impl="auto",
+                  pool_impl="fast")
     c.model.encoders = ml_collections.ConfigDict(
         dict(audio=dict(resnet), image=dict(resnet)))
     c.teacher = train_config(300, 16, optimizer_config(1e-3))

@@ -103,12 +103,13 @@ def jax_worker() -> None:
         enc.conv_impl = "auto" if fast else "xla"
         enc.pool_impl = "fast" if fast else "xla"
     cfg.method = v["method"]
-    cfg.smp = v["method"] != "joint"
+    # As the pipeline runs them: SMP on for G2D only.
+    cfg.smp = v["method"] == "g2d"
     cfg.gating.taus = (1,)
     cfg.lock()
     ds = fake_dataset(max(8, v["batch_size"]))
     model, tx, method, gate, step = student.build(cfg, ds, 1000)
-    state = common.new_state(model, tx, ds.splits["train"], 0, mesh)
+    state = student.new_state(cfg, ds, model, tx, method, mesh)
     feats = jax.eval_shape(
         lambda: steps.apply_model(
             model, state.params, state.batch_stats,
@@ -268,8 +269,10 @@ def main() -> None:
                   help="quick model, batch 16, few repetitions (< 2 min)")
   ap.add_argument("--models", default="paper,quick")
   ap.add_argument("--batch_sizes", default="16,128")
-  ap.add_argument("--methods", default="joint,g2d",
-                  help="JAX methods; torch implements joint and g2d")
+  ap.add_argument("--methods",
+                  default="joint,g2d,umt,ogm,ogm_ge,mlb,mmpareto,mla,pmr",
+                  help="JAX methods (ume trains nothing); torch implements "
+                  "joint and g2d")
   ap.add_argument("--impls", default="jax,torch")
   ap.add_argument("--kernels", default="fast",
                   help="JAX ResNet kernels: xla (XLA's conv and max-pool), "

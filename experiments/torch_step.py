@@ -1,7 +1,8 @@
 """PyTorch reference of the AV-MNIST student step, for benchmarking only.
 
 The same models as g2d_jax's `paper` and `quick` AV-MNIST presets (two
-ResNet-18s, or two stride-2 CNNs, late fusion) and the same two steps:
+ResNet-18s, or the two stride-2 CNNs of `quick`, late fusion) and the same
+two steps:
 
 - `joint`: cross-entropy on the fused logits, SGD (lr 1e-3, momentum 0.9,
   weight decay 1e-4), as the official code's `teacher.py` with `mT`;
@@ -75,15 +76,19 @@ class ResNet18(nn.Module):
 
 
 class StridedCNN(nn.Module):
-  """g2d_jax's SmallCNN with downsample="stride" and BatchNorm."""
+  """g2d_jax's SmallCNN with downsample="stride", BatchNorm and optionally
+  a `patchify` x `patchify` first layer (the quick preset's audio encoder)."""
 
-  def __init__(self, channels: tuple[int, ...]):
+  def __init__(self, channels: tuple[int, ...], patchify: int = 0):
     super().__init__()
     layers, cin = [], 1
     for i, c in enumerate(channels):
-      k = 5 if i == 0 else 3
-      layers += [nn.Conv2d(cin, c, k, 2, k // 2, bias=False),
-                 nn.BatchNorm2d(c), nn.ReLU()]
+      if i == 0 and patchify:
+        conv = nn.Conv2d(cin, c, patchify, patchify, 0, bias=False)
+      else:
+        k = 5 if i == 0 else 3
+        conv = nn.Conv2d(cin, c, k, 2, k // 2, bias=False)
+      layers += [conv, nn.BatchNorm2d(c), nn.ReLU()]
       cin = c
     self.net = nn.Sequential(*layers)
     self.out_dim = cin
@@ -100,8 +105,9 @@ class LateFusionStudent(nn.Module):
     if model == "paper":
       self.audio_net, self.visual_net = ResNet18(), ResNet18()
     else:
-      self.audio_net = StridedCNN((16, 32, 64, 128))
-      self.visual_net = StridedCNN((16, 32, 64))
+      # configs/avmnist.py:quick
+      self.audio_net = StridedCNN((16, 32, 64, 128), patchify=4)
+      self.visual_net = StridedCNN((32, 64, 128))
     self.fc_x = nn.Linear(self.audio_net.out_dim, num_classes)
     self.fc_y = nn.Linear(self.visual_net.out_dim, num_classes)
     _init(self)
