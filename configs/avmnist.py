@@ -18,6 +18,9 @@ Run the whole job (teachers, teacher cache, student, evaluation):
 
 Override any field, e.g. `--config.student.epochs=3 --config.method=joint`.
 
+MultiBench's AV-MNIST files instead of the built data:
+`--config=configs/avmnist.py:paper,multibench --config.data.data_dir=DIR`.
+
 Comparators: `--config.method=NAME` (joint, umt, ume, ogm, ogm_ge, mlb,
 mmpareto, mla, pmr, g2d) or the preset form `configs/avmnist.py:quick,NAME`;
 each method's hyperparameters live in `config.NAME` with its released code's
@@ -37,11 +40,26 @@ PRESETS = ("paper", "quick", "smoke")
 
 
 def get_config(preset: str = "paper") -> ml_collections.ConfigDict:
-  """The AV-MNIST config for one preset, optionally `<preset>,<method>`."""
-  preset, _, method = (preset or "paper").partition(",")
+  """The AV-MNIST config for `<preset>[,multibench][,<method>]`.
+
+  `multibench` reads MultiBench's AV-MNIST `.npy` files (the data the paper
+  used; `config.data.data_dir` or $G2D_DATA_DIR points at them) instead of
+  building AV-MNIST from MNIST and FSDD.
+  """
+  preset, *mods = (preset or "paper").split(",")
   preset = preset or "paper"
   if preset not in PRESETS:
     raise ValueError(f"unknown preset {preset!r}; choose one of {PRESETS}.")
+  method = None
+  multibench = False
+  for tok in mods:
+    if tok == "multibench":
+      multibench = True
+    elif tok in methods.available():
+      method = tok
+    else:
+      raise ValueError(f"unknown preset modifier {tok!r}; use 'multibench' "
+                       f"or a method, one of {methods.available()}.")
   c = base_config()
   c.data = data.default_data_config("avmnist")
   c.model.fusion = "late"
@@ -90,6 +108,8 @@ def get_config(preset: str = "paper") -> ml_collections.ConfigDict:
     c.eval.batch_size = 64
     c.log_every_steps = 4
 
+  if multibench:
+    c.data = data.default_data_config("avmnist_multibench")
   if method:
     methods.apply_preset(c, method)
   c.lock()

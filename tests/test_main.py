@@ -153,3 +153,29 @@ def test_truncated_idx_file_leaves_no_build(tmp_path):
   cache = tmp_path / "cache"
   built = [p for p in cache.rglob("manifest.json")] if cache.exists() else []
   assert built == []
+
+
+@pytest.mark.parametrize("labels_max,audio_size,message", [
+    (10, 112, "labels out of range: found values 0..10"),
+    (9, 100, "expected [N, 112, 112] spectrograms"),  # wrong array shape
+])
+def test_bad_multibench_arrays_are_one_line_and_exit_2(
+    labels_max, audio_size, message, tmp_path):
+  """MultiBench's layout with a label 10 or 100x100 spectrograms."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  root = tmp_path / "mb"
+  (root / "image").mkdir(parents=True)
+  (root / "audio").mkdir()
+  for part, n in (("train", 30), ("test", 10)):
+    np.save(root / "image" / f"{part}_data.npy", np.zeros((n, 784), np.uint8))
+    np.save(root / "audio" / f"{part}_data.npy",
+            np.zeros((n, audio_size, audio_size), np.uint8))
+    np.save(root / f"{part}_labels.npy", np.arange(n) % (labels_max + 1))
+  proc = run_main(["--config=configs/avmnist.py:smoke,multibench",
+                   f"--workdir={tmp_path / 'w'}",
+                   f"--config.data.data_dir={root}",
+                   "--config.data.num_val=10"], tmp_path)
+  assert proc.returncode == 2
+  assert message in last_error_line(proc)
+  assert "Traceback" not in proc.stderr
+  assert not (tmp_path / "w" / "summary.json").exists()
