@@ -25,58 +25,11 @@ precomputed per sample.
 
 import ml_collections
 
-from g2d_jax import data
-from g2d_jax import methods
-from g2d_jax.pipeline.config import base_config
-from g2d_jax.pipeline.config import optimizer_config
-from g2d_jax.pipeline.config import train_config
+from g2d_jax.pipeline import presets
 
-PRESETS = ("paper", "small", "smoke")
+PRESETS = presets.AUDIO_VISUAL_PRESETS
 
 
 def get_config(preset: str = "paper") -> ml_collections.ConfigDict:
-  """The CREMA-D config for one preset, optionally `<preset>,<method>`."""
-  preset, _, method = (preset or "paper").partition(",")
-  preset = preset or "paper"
-  if preset not in PRESETS:
-    raise ValueError(f"unknown preset {preset!r}; choose one of {PRESETS}.")
-  c = base_config()
-  c.data = data.default_data_config("cremad")
-  c.model.fusion = "late"
-
-  if preset == "paper":
-    resnet = dict(kind="resnet18", width=64)
-    c.model.encoders = ml_collections.ConfigDict(
-        dict(audio=dict(resnet), visual=dict(resnet)))
-    c.teacher = train_config(300, 16, optimizer_config(1e-3))
-    c.student = train_config(300, 16, optimizer_config(1e-3))
-    c.gating.taus = (151,)
-
-  elif preset == "small":
-    c.data.image_size = 112
-    c.data.max_examples_per_split = 600
-    resnet = dict(kind="resnet18", width=8)
-    c.model.encoders = ml_collections.ConfigDict(
-        dict(audio=dict(resnet), visual=dict(resnet)))
-    c.teacher = train_config(6, 32, optimizer_config(0.01, decay_epochs=(4,)))
-    c.student = train_config(6, 32, optimizer_config(0.01, decay_epochs=(4,)))
-    c.gating.taus = (3,)        # about half of training, as in the paper
-    c.eval.batch_size = 64
-    c.log_every_steps = 10
-
-  else:  # smoke
-    c.data.image_size = 32
-    c.data.max_examples_per_split = 32
-    resnet = dict(kind="resnet18", width=4)
-    c.model.encoders = ml_collections.ConfigDict(
-        dict(audio=dict(resnet), visual=dict(resnet)))
-    c.teacher = train_config(2, 16, optimizer_config(0.05, decay_epochs=()))
-    c.student = train_config(2, 16, optimizer_config(0.05, decay_epochs=()))
-    c.gating.taus = (1,)
-    c.eval.batch_size = 16
-    c.log_every_steps = 2
-
-  if method:
-    methods.apply_preset(c, method)
-  c.lock()
-  return c
+  """The CREMA-D config for `<preset>[,<method>]` (see the module docstring)."""
+  return presets.audio_visual("cremad", preset)

@@ -26,50 +26,11 @@ Presets (`--config=configs/urfunny.py:<preset>[,<method>]`):
 
 import ml_collections
 
-from g2d_jax import data
-from g2d_jax import methods
-from g2d_jax.pipeline.config import base_config
-from g2d_jax.pipeline.config import optimizer_config
-from g2d_jax.pipeline.config import train_config
+from g2d_jax.pipeline import presets
 
-DATASET = "urfunny"
-PRESETS = ("paper", "small")
-
-
-def transformer_encoders(preset: str) -> ml_collections.ConfigDict:
-  """One Transformer per modality (audio, visual, text)."""
-  if preset == "paper":
-    enc = dict(kind="transformer", hidden_dim=768, num_layers=4, num_heads=8,
-               conv_kernel_size=1, positional="sinusoidal", norm_first=True)
-  else:
-    enc = dict(kind="transformer", hidden_dim=32, num_layers=2, num_heads=4,
-               mlp_dim=64, conv_kernel_size=1, positional="sinusoidal",
-               norm_first=True)
-  return ml_collections.ConfigDict(
-      {m: dict(enc) for m in ("audio", "visual", "text")})
+PRESETS = presets.SEQUENCE_PRESETS
 
 
 def get_config(preset: str = "paper") -> ml_collections.ConfigDict:
-  """The UR-Funny config for one preset, optionally `<preset>,<method>`."""
-  preset, _, method = (preset or "paper").partition(",")
-  preset = preset or "paper"
-  if preset not in PRESETS:
-    raise ValueError(f"unknown preset {preset!r}; choose one of {PRESETS}.")
-  c = base_config()
-  c.data = data.default_data_config(DATASET)
-  c.model.fusion = "late"
-  c.model.encoders = transformer_encoders(preset)
-  if preset == "paper":
-    c.teacher = train_config(300, 16, optimizer_config(1e-3))
-    c.student = train_config(300, 16, optimizer_config(1e-3))
-    c.gating.taus = (75, 76)
-  else:
-    c.teacher = train_config(6, 32, optimizer_config(0.01, decay_epochs=(4,)))
-    c.student = train_config(6, 32, optimizer_config(0.01, decay_epochs=(4,)))
-    c.gating.taus = (2, 1)
-    c.eval.batch_size = 128
-    c.log_every_steps = 50
-  if method:
-    methods.apply_preset(c, method)
-  c.lock()
-  return c
+  """The UR-Funny config for `<preset>[,<method>]` (see the module docstring)."""
+  return presets.sequences("urfunny", preset)
