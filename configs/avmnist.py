@@ -7,9 +7,9 @@ Presets (`--config=configs/avmnist.py:<preset>`):
          epochs 0..150 (tau_1 = 151). Needs a GPU: about 44 min per epoch on
          a 2-core CPU.
   quick  full data, small stride-2 CNN encoders, 4 teacher and 8 student
-         epochs: the whole job finishes on a 2-core CPU in about 15
+         epochs: the whole job finishes on a 2-core CPU in about 10
          minutes (experiments/README.md has the measured time).
-  smoke  a few hundred examples and tiny encoders: seconds, for tests.
+  smoke  256 examples per split and tiny encoders: seconds, for tests.
 
 Run the whole job (teachers, teacher cache, student, evaluation):
 

@@ -42,6 +42,10 @@ _PRESET = flags.DEFINE_string("preset", "quick", "configs/avmnist.py preset.")
 _REPORT_ONLY = flags.DEFINE_bool("report_only", False,
                                  "Only write the tables from finished runs.")
 _OUT = flags.DEFINE_string("out", "", "Write the tables (markdown) here.")
+_STEP_TIMES = flags.DEFINE_string(
+    "step_times", "", "A benchmark_step.py --out JSON: adds each method's JAX "
+    "step time relative to joint training (pattern 'all') to the "
+    "comparators table.")
 _EXTRA = flags.DEFINE_multi_string(
     "override", [], "Extra --config.<field>=<value> for every run.")
 _PARALLEL = flags.DEFINE_integer(
@@ -205,8 +209,26 @@ def load_summaries(root: str, seeds: Sequence[str]) -> dict[str, list[dict]]:
   return out
 
 
-def report(root: str, seeds: Sequence[str]) -> str:
+def step_ratios(path: str) -> tuple[dict[str, float], str]:
+  """{method: JAX step time / joint's} from a benchmark_step.py JSON.
+
+  Uses the first (model, batch size) in the file with pattern "all".
+  """
+  with open(path) as f:
+    records = [r for r in json.load(f)["records"]
+               if r["impl"] == "jax" and r["pattern"] == "all"]
+  if not records:
+    raise SystemExit(f"error: {path} has no JAX records with pattern 'all'; "
+                     "pass a benchmark_step.py --out file")
+  model, bs = records[0]["model"], records[0]["batch_size"]
+  ratios = {r["method"]: r["ratio_to_joint"] for r in records
+            if r["model"] == model and r["batch_size"] == bs}
+  return ratios, f"step time / joint ({model} model, batch {bs})"
+
+
+def report(root: str, seeds: Sequence[str], step_times: str = "") -> str:
   """The markdown tables: mean ± std over the seeds that finished."""
+  ratios, ratio_head = step_ratios(step_times) if step_times else ({}, "")
   sums = load_summaries(root, seeds)
   lines = []
   any_summary = next((v[0] for v in sums.values() if v), None)
@@ -221,9 +243,11 @@ def report(root: str, seeds: Sequence[str]) -> str:
                + "\n")
   for title, rows in TABLES.items():
     lines.append(f"### {title}\n")
+    with_steps = bool(ratios) and title.startswith("Comparators")
     head = (["row", "seeds", "fused test acc."] +
             [f"{m} (in model)" for m in mods] +
-            ["ECE", "paper (fused / audio / image)"])
+            ["ECE", "paper (fused / audio / image)"] +
+            ([ratio_head] if with_steps else []))
     lines.append("| " + " | ".join(head) + " |")
     lines.append("|" + "---|" * len(head))
     for label, run, paper in rows:
@@ -240,6 +264,9 @@ def report(root: str, seeds: Sequence[str]) -> str:
         cells.append(" / ".join(f"{p:.2f}" for p in paper))
       else:
         cells.append(f"{paper:.2f}")
+      if with_steps:
+        method = RUNS[run][0]["method"]
+        cells.append(f"{ratios[method]:.2f}" if method in ratios else "-")
       lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
   return "\n".join(lines)
@@ -308,7 +335,7 @@ def main(argv):
         t.join()
       if errors:
         raise SystemExit("\n".join(errors))
-  text = report(root, _SEEDS.value)
+  text = report(root, _SEEDS.value, _STEP_TIMES.value)
   print(text)
   if _OUT.value:
     os.makedirs(os.path.dirname(os.path.abspath(_OUT.value)), exist_ok=True)
