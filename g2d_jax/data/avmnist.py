@@ -30,8 +30,8 @@ available, but with six FSDD speakers it leaves one speaker each for val and
 test, and single-speaker accuracies differed by up to 15 points. The speaker
 split was the first calibration; it was dropped because the audio teacher
 memorises its four training speakers (training-batch confidence 0.91 against
-0.54 for the image) while staying near 44% on test, which inverts the
-modality ranking SMP reads from training batches (experiments/README.md,
+0.54 for the image) although unseen speakers keep it weak on test, which
+inverts the modality ranking SMP reads from training batches (experiments/README.md,
 "AV-MNIST calibration").
 
 For sample i of split s (code 0/1/2 for train/val/test) a counter-based hash
