@@ -252,7 +252,8 @@ def report(root: str, seeds: Sequence[str], step_times: str = "") -> str:
     lines.append("|" + "---|" * len(head))
     for label, run, paper in rows:
       ss = sums.get(run, [])
-      st = [s["student"] for s in ss]
+      # UME trains no student: its row is the teachers' ensemble.
+      st = [s.get("student", s["teacher_ensemble"]) for s in ss]
       cells = [label, str(len(ss)),
                _mean_std([x["test_accuracy"] for x in st])]
       cells += [_mean_std([x["modality_test_accuracy"][m] for x in st])

@@ -74,7 +74,8 @@ def jax_worker() -> None:
   sys.path.insert(0, os.path.dirname(HERE))
   from configs import avmnist  # pylint: disable=g-import-not-at-top
   from g2d_jax.data import base  # pylint: disable=g-import-not-at-top
-  from g2d_jax.pipeline import common  # pylint: disable=g-import-not-at-top
+  from g2d_jax.pipeline import build  # pylint: disable=g-import-not-at-top
+  from g2d_jax.pipeline import loader  # pylint: disable=g-import-not-at-top
   from g2d_jax.pipeline import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
   from g2d_jax.pipeline import steps  # pylint: disable=g-import-not-at-top
   from g2d_jax.pipeline import student  # pylint: disable=g-import-not-at-top
@@ -108,12 +109,12 @@ def jax_worker() -> None:
     cfg.gating.taus = (1,)
     cfg.lock()
     ds = fake_dataset(max(8, v["batch_size"]))
-    model, tx, method, gate, step = student.build(cfg, ds, 1000)
-    state = student.new_state(cfg, ds, model, tx, method, mesh)
+    s = student.build_student(cfg, ds, mesh)
+    model, gate, step, state = s.model, s.gate, s.step, s.state
     feats = jax.eval_shape(
         lambda: steps.apply_model(
             model, state.params, state.batch_stats,
-            common.example_inputs(ds.splits["train"], 2), train=False)[0])
+            build.example_inputs(ds.splits["train"], 2), train=False)[0])
     rng = np.random.default_rng(1)
     n = v["batch_size"]
     kappa = {"all": (1.0, 1.0), "audio": (1.0, 0.0),
@@ -131,23 +132,15 @@ def jax_worker() -> None:
       batch["gate"] = {
           "kappa": {m: np.float32(k) for m, k in zip(("audio", "image"), kappa)},
           "confidence": {m: np.float32(0.5) for m in ("audio", "image")},
-          "pattern": (steps.ALL if v["pattern"] == "all" or not gate.skip_frozen
+          "pattern": (loader.ALL if v["pattern"] == "all" or not gate.skip_frozen
                       else ("audio", "image").index(v["pattern"]))}
       if not gate.enabled:
         batch["gate"] = {"kappa": {m: np.float32(1) for m in ("audio", "image")},
-                         "confidence": {}, "pattern": steps.ALL}
+                         "confidence": {}, "pattern": loader.ALL}
       batches.append(mesh_lib.shard_batch(batch, mesh))
-    pattern = batches[0]["gate"]["pattern"]
-    jitted = step._build(pattern)  # pylint: disable=protected-access
-
-    def device_batch(b):
-      b = dict(b)
-      g = dict(b["gate"])
-      g.pop("pattern")
-      b["gate"] = g
-      return b
-
-    dbatches = [device_batch(b) for b in batches]
+    pattern = step.split_pattern(batches[0])[0]
+    jitted = step.jitted(pattern)
+    dbatches = [step.split_pattern(b)[1] for b in batches]
     epoch, key = np.int32(0), jax.random.key(0)
     t0 = time.perf_counter()
     compiled = jitted.lower(state, dbatches[0], epoch, key).compile()

@@ -23,12 +23,14 @@ import jax.numpy as jnp
 from ml_collections import config_flags
 import numpy as np
 
+from g2d_jax import artifacts
 from g2d_jax import data
-from g2d_jax.pipeline import common
+from g2d_jax.methods import joint
+from g2d_jax.pipeline import build
 from g2d_jax.pipeline import loader
 from g2d_jax.pipeline import mesh as mesh_lib
+from g2d_jax.pipeline import scoring
 from g2d_jax.pipeline import steps
-from g2d_jax.pipeline import teachers
 from g2d_jax.pipeline import trainer
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.",
@@ -46,14 +48,13 @@ def main(argv):
   mesh = mesh_lib.data_mesh()
   train = ds.splits["train"]
   spe = loader.steps_per_epoch(len(train), c.teacher.batch_size)
-  model = common.teacher_model(c, ds, m)
+  model = build.teacher_model(c, ds, m)
   tx = steps.make_optimizer(c.teacher.optimizer, spe)
-  state = common.new_state(model, tx, train, c.seed, mesh)
-  step = steps.make_train_step(model, tx, teachers.unimodal_method(ds.task),
-                               ds.task)
-  ev = steps.make_eval_step(model, ds.task)
-  score = lambda split: (lambda p, b: common.evaluate_split(
-      ev, p, b, ds.splits[split], c.eval.batch_size, mesh, ds.task))
+  state = build.new_state(model, tx, train, c.seed, mesh)
+  step = steps.TrainStep(model, tx, joint.build(c, ds.task), ds.task)
+  ev = scoring.make_eval_step(model, ds.task)
+  score = lambda split: (lambda p, b: scoring.evaluate_split(
+      ev, p, b, ds.splits[split], c.eval.batch_size, mesh))
   t0 = time.time()
   with tempfile.TemporaryDirectory() as tmp:
     fit = trainer.fit(
@@ -78,7 +79,7 @@ def main(argv):
     b = train.batch(idx[i:i + 256])
     total += float(true_prob({m: b[m]}, b["label"]))
   result = {
-      "modality": m, "data": common.to_dict(c.data),
+      "modality": m, "data": artifacts.plain(c.data),
       "epochs": [{"epoch": r["epoch"], "val": r["val/accuracy/fused"],
                   "test": r["test/accuracy/fused"]} for r in fit.history],
       "best_epoch": fit.best["epoch"],

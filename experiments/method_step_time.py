@@ -84,12 +84,12 @@ def make_variant(name: str, method_name: str, frozen: str | None,
   cfg.lock()
   ds = fake_dataset(4 * batch_size)
   spe = loader.steps_per_epoch(TRAIN_EXAMPLES, batch_size)
-  model, tx, method, gate, step = student.build(cfg, ds, spe)
-  state = student.new_state(cfg, ds, model, tx, method, mesh)
+  s = student.build_student(cfg, ds, mesh)
+  model, method, gate, step, state = s.model, s.method, s.gate, s.step, s.state
   hook_s = None
   if method.epoch_hook is not None:
-    hook = student.make_epoch_hook(method, model, ds.splits["train"],
-                                   batch_size, cfg.seed, mesh)
+    hook = student.make_epoch_hook(s, ds.splits["train"], batch_size,
+                                   cfg.seed, mesh)
     state = hook(state, 0)  # compile
     jax.block_until_ready(state)
     t0 = time.perf_counter()

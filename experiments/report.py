@@ -233,10 +233,10 @@ def student_features(workdir: str, run: str, n: int):
   cfg = ml_collections.ConfigDict(summary["config"])
   ds = data.load_dataset(cfg.data)
   mesh = mesh_lib.data_mesh(jax.devices()[:1])
-  model, weights, _ = student_lib.load_student(cfg, ds, workdir, mesh)
+  student, weights, _ = student_lib.load_student(cfg, ds, workdir, mesh)
   test = ds.splits["test"]
   x = test.batch(np.arange(min(n, len(test))))
-  out, _ = steps.apply_model(model, weights["params"],
+  out, _ = steps.apply_model(student.model, weights["params"],
                              weights["batch_stats"],
                              {m: x[m] for m in ds.modalities}, train=False)
   return {m: np.asarray(v, np.float64) for m, v in out.features.items()}

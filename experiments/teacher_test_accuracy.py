@@ -13,9 +13,8 @@ from absl import flags
 from ml_collections import config_flags
 
 from g2d_jax import data
-from g2d_jax.pipeline import common
 from g2d_jax.pipeline import mesh as mesh_lib
-from g2d_jax.pipeline import steps
+from g2d_jax.pipeline import scoring
 from g2d_jax.pipeline import teachers
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.")
@@ -32,10 +31,10 @@ def main(argv):
     model, w = teachers.load_teacher(cfg, ds, _WORKDIR.value, m, mesh)
     res = {}
     for split in ("val", "test"):
-      res[split] = common.evaluate_split(
-          steps.make_eval_step(model, ds.task), w["params"],
-          w["batch_stats"], ds.splits[split], cfg.eval.batch_size, mesh,
-          ds.task)["accuracy/fused"]
+      res[split] = scoring.evaluate_split(
+          scoring.make_eval_step(model, ds.task), w["params"],
+          w["batch_stats"], ds.splits[split], cfg.eval.batch_size,
+          mesh)["accuracy/fused"]
     print(f"{m}: best epoch {record['best']['epoch']}, val {res['val']:.4f}, "
           f"test {res['test']:.4f}")
 

@@ -29,13 +29,29 @@ SHARED = "shared"
 SEMANTICS = ("freeze", "reference")
 
 
+def path_keys(path: tuple[Any, ...]) -> list[Any]:
+  """The dict keys (or attribute names) along a pytree path."""
+  return [getattr(p, "key", getattr(p, "name", None)) for p in path]
+
+
+def leaf_modality(path: tuple[Any, ...],
+                  modalities: Sequence[str]) -> str | None:
+  """The modality a parameter belongs to: the first key on its path that is
+  a modality name (`encoders/audio/...` -> "audio"), or None (shared)."""
+  for key in path_keys(path):
+    if key in modalities:
+      return key
+  return None
+
+
 def modality_labels(params: PyTree, modalities: Sequence[str],
                     shared: str = SHARED) -> PyTree:
   """Labels every parameter leaf with its modality, or `shared`.
 
   A leaf belongs to modality m when m is a key on its path (the first such key
-  wins), e.g. `params["encoders"]["audio"]["backbone"]["conv_init"]["kernel"]`
-  -> "audio". Everything else (fusion layers that mix modalities) is shared.
+  wins, `leaf_modality`), e.g.
+  `params["encoders"]["audio"]["backbone"]["conv_init"]["kernel"]` ->
+  "audio". Everything else (fusion layers that mix modalities) is shared.
 
   Args:
     params: the parameter pytree (nested dicts).
@@ -48,17 +64,9 @@ def modality_labels(params: PyTree, modalities: Sequence[str],
   modalities = tuple(modalities)
   if shared in modalities:
     raise ValueError(f"a modality may not be called {shared!r}.")
-  seen = set()
-
-  def label(path, _):
-    for entry in path:
-      key = getattr(entry, "key", getattr(entry, "name", None))
-      if key in modalities:
-        seen.add(key)
-        return key
-    return shared
-
-  labels = jax.tree_util.tree_map_with_path(label, params)
+  labels = jax.tree_util.tree_map_with_path(
+      lambda path, _: leaf_modality(path, modalities) or shared, params)
+  seen = set(jax.tree.leaves(labels))
   absent = [m for m in modalities if m not in seen]
   if absent:
     raise ValueError(f"modalities {absent} are not keys anywhere in the "

@@ -40,6 +40,17 @@ def regression_mse(logits: Array, targets_B: Array) -> Array:
   return jnp.mean((pred_B - targets_B.astype(jnp.float32)) ** 2)
 
 
+def supervised_loss(logits: Array, labels_B: Array,
+                    task: str = "classification") -> Array:
+  """L_S (Eq. 1): cross-entropy of the logits, or for regression the MSE
+  between their sigmoid and targets in [0, 1]."""
+  if task == "classification":
+    return cross_entropy(logits, labels_B)
+  if task == "regression":
+    return regression_mse(logits, labels_B)
+  raise ValueError(f"task={task!r} is not one of {TASKS}.")
+
+
 def feature_distillation(student_BxD: Array, teacher_BxD: Array,
                          reduction: str = "mean") -> Array:
   """Feature distillation L_feat^m (Eq. 2).
@@ -156,8 +167,8 @@ def g2d_loss(
     raise ValueError(f"teacher_features has modalities {missing} that are "
                      f"not in student_features {sorted(student_features)}.")
 
+  student_term = supervised_loss(student_logits, labels, task)
   if task == "classification":
-    student_term = cross_entropy(student_logits, labels)
     logit_terms = {
         m: logit_distillation(student_logits, t, temperature)
         for m, t in teacher_logits.items()
@@ -166,7 +177,6 @@ def g2d_loss(
     if temperature != 1.0:
       raise ValueError("temperature has no meaning for regression (the logit "
                        "term is an MSE between predictions); leave it at 1.0.")
-    student_term = regression_mse(student_logits, labels)
     logit_terms = {
         m: regression_logit_distillation(student_logits, t)
         for m, t in teacher_logits.items()

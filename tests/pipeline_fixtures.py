@@ -56,3 +56,10 @@ def tiny_config(**overrides):
     node[last] = v
   c.lock()
   return c
+
+
+def student(config, dataset, mesh):
+  """(model, initial state) of the student `config` builds."""
+  from g2d_jax.pipeline import student as student_lib  # pylint: disable=g-import-not-at-top
+  s = student_lib.build_student(config, dataset, mesh)
+  return s.model, s.state

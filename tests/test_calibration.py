@@ -1,17 +1,11 @@
 """Expected calibration error: the core function against a hand-computed
-example, and its batch-wise accumulation in evaluation."""
+example (its batch-wise accumulation in evaluation is in
+test_pipeline_scoring.py)."""
 
-import jax
 import numpy as np
 import pytest
 
 from g2d_jax import calibration
-from g2d_jax.pipeline import common
-from g2d_jax.pipeline import mesh as mesh_lib
-from g2d_jax.pipeline import metrics as metrics_lib
-from g2d_jax.pipeline import steps
-from g2d_jax.pipeline import student as student_lib
-from tests import pipeline_fixtures as fx
 
 # Five predictions over 3 classes, 5 equal-width bins (0.2 wide):
 #   sample  max prob  predicted  label  correct  bin
@@ -58,74 +52,3 @@ def test_perfectly_calibrated_and_masked_predictions():
   assert float(calibration.ece_from_bins(*calibration.calibration_bins(
       probs, labels, 15, from_logits=False, mask_B=np.zeros(2)))) == 0.0
 
-
-def test_evaluation_accumulates_ece_over_padded_batches():
-  """`evaluate_split` (batches of 24 over 64 examples, the last one padded)
-  reports the ECE of all the split's predictions at once, per head."""
-  ds = fx.tiny_dataset()
-  cfg = fx.tiny_config(method="joint")
-  mesh = mesh_lib.data_mesh(jax.devices()[:1])
-  model, tx, method, _, _ = student_lib.build(cfg, ds, 4)
-  state = student_lib.new_state(cfg, ds, model, tx, method, mesh)
-  res = common.evaluate_split(steps.make_eval_step(model, ds.task),
-                              state.params, state.batch_stats,
-                              ds.splits["test"], 24, mesh, ds.task)
-  x = ds.splits["test"].batch(np.arange(64))
-  out = model.apply({"params": state.params,
-                     "batch_stats": state.batch_stats},
-                    {m: x[m] for m in ds.modalities}, train=False)
-  for head, logits in [("fused", out.logits),
-                       ("modality/audio", out.modality_logits["audio"])]:
-    want = calibration.expected_calibration_error(logits, x["label"])
-    assert res[f"ece/{head}"] == pytest.approx(float(want), abs=1e-6)
-    acc = np.mean(np.argmax(logits, -1) == x["label"])
-    assert res[f"accuracy/{head}"] == pytest.approx(acc)
-  assert not any(k.startswith("ece_bins/") for k in res)
-
-
-def test_evaluation_reports_true_class_prob_and_teacher_feature_cosine():
-  """Per head, the mean softmax probability of the true class; with cached
-  teacher features, the mean student-teacher cosine per modality (NumPy)."""
-  ds = fx.tiny_dataset()
-  cfg = fx.tiny_config(method="joint")
-  mesh = mesh_lib.data_mesh(jax.devices()[:1])
-  model, tx, method, _, _ = student_lib.build(cfg, ds, 4)
-  state = student_lib.new_state(cfg, ds, model, tx, method, mesh)
-  x = ds.splits["test"].batch(np.arange(64))
-  out = model.apply({"params": state.params,
-                     "batch_stats": state.batch_stats},
-                    {m: x[m] for m in ds.modalities}, train=False)
-  rng = np.random.default_rng(3)
-  teacher = {m: {"features": rng.normal(size=np.shape(out.features[m]))
-                 .astype(np.float32)} for m in ds.modalities}
-  res = common.evaluate_split(steps.make_eval_step(model, ds.task),
-                              state.params, state.batch_stats,
-                              ds.splits["test"], 24, mesh, ds.task,
-                              teacher=teacher)
-  for head, logits in [("fused", out.logits),
-                       ("modality/image", out.modality_logits["image"])]:
-    z = np.asarray(logits, np.float64)
-    p = np.exp(z - z.max(-1, keepdims=True))
-    p /= p.sum(-1, keepdims=True)
-    want = np.mean(p[np.arange(64), x["label"]])
-    assert res[f"true_class_prob/{head}"] == pytest.approx(want, rel=1e-5)
-  for m in ds.modalities:
-    s_, t_ = np.asarray(out.features[m], np.float64), teacher[m]["features"]
-    cos = np.sum(s_ * t_, -1) / (np.linalg.norm(s_, axis=-1)
-                                 * np.linalg.norm(t_, axis=-1))
-    assert res[f"cosine/{m}"] == pytest.approx(np.mean(cos), abs=1e-5)
-  plain = common.evaluate_split(steps.make_eval_step(model, ds.task),
-                                state.params, state.batch_stats,
-                                ds.splits["test"], 24, mesh, ds.task)
-  assert not any(k.startswith("cosine/") for k in plain)
-
-
-def test_summarize_counts_turns_bins_into_ece():
-  sums = {"count": 5.0, "correct/fused": 3.0}
-  _, correct, conf = calibration.calibration_bins(PROBS, LABELS, 5,
-                                                  from_logits=False)
-  for b in range(5):
-    sums[f"ece_bins/fused/correct/{b:02d}"] = float(correct[b])
-    sums[f"ece_bins/fused/conf/{b:02d}"] = float(conf[b])
-  out = metrics_lib.summarize_counts(sums, steps=1)
-  assert out == pytest.approx({"accuracy/fused": 0.6, "ece/fused": 0.14})

@@ -16,7 +16,7 @@ import pytest
 from g2d_jax import data
 from g2d_jax import errors
 from g2d_jax.data import iemocap
-from g2d_jax.pipeline import common
+from g2d_jax.pipeline import build
 from g2d_jax.pipeline import config as config_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -202,8 +202,8 @@ def test_small_model_accepts_fixture_inputs(fixture):
   data_dir, _, _ = fixture
   ds = data.load_dataset(_cfg(data_dir))
   c = _load_config_module().get_config("small")
-  model = common.student_model(c, ds)
-  x = common.example_inputs(ds.splits["train"], 2)
+  model = build.student_model(c, ds)
+  x = build.example_inputs(ds.splits["train"], 2)
   variables = jax.eval_shape(
       lambda: model.init(jax.random.key(0), x, train=False))
   out = jax.eval_shape(lambda v: model.apply(v, x, train=False), variables)

@@ -18,7 +18,7 @@ from g2d_jax import data
 from g2d_jax import errors
 from g2d_jax import regression_metrics
 from g2d_jax.data import misme
-from g2d_jax.pipeline import common
+from g2d_jax.pipeline import build
 from g2d_jax.pipeline import config as config_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -323,8 +323,8 @@ def test_config_presets_build_and_validate():
 
 def test_small_model_accepts_fixture_inputs(dataset):
   c = _load_config_module().get_config("small")
-  model = common.student_model(c, dataset)
-  x = common.example_inputs(dataset.splits["train"], 2)
+  model = build.student_model(c, dataset)
+  x = build.example_inputs(dataset.splits["train"], 2)
   variables = jax.eval_shape(
       lambda: model.init(jax.random.key(0), x, train=False))
   out = jax.eval_shape(lambda v: model.apply(v, x, train=False), variables)

@@ -49,8 +49,8 @@ def setup(**overrides):
   ds = fx.tiny_dataset()
   mesh = mesh_lib.data_mesh(jax.devices()[:1])
   cfg = fx.tiny_config(**{"method": "mla", **overrides})
-  model, tx, method, gate, step = student_lib.build(cfg, ds, 4)
-  state = student_lib.new_state(cfg, ds, model, tx, method, mesh)
+  s = student_lib.build_student(cfg, ds, mesh)
+  model, method, gate, step, state = s.model, s.method, s.gate, s.step, s.state
   batch = next(loader.train_batches(ds.splits["train"], 32, seed=0, epoch=0))
   batch["gate"] = gate.for_batch(batch, 0)
   return ds, mesh, model, method, step, state, batch
@@ -61,7 +61,7 @@ def test_two_sub_updates_equal_two_sequential_sgd_steps():
       "mla.gs_projection": False, "mla.released_zero_grads": False,
       "student.optimizer.momentum": 0.0,
       "student.optimizer.weight_decay": 0.0})
-  assert method.updates_per_step == 2
+  assert method.spec.updates_per_step == 2
   p = jax.device_get(state.params)
   # The tiny encoders' widths differ (8 vs 16): image is projected to 8.
   assert p["aux"]["image"]["proj"]["kernel"].shape == (16, 8)
@@ -83,6 +83,7 @@ def test_two_sub_updates_equal_two_sequential_sgd_steps():
                   jax.tree.leaves(p)):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
   assert int(new.method_state["count"]) == 2
+  metrics = metrics["scalars"]
   assert float(metrics["loss"]) == pytest.approx(
       0.5 * float(metrics["loss/unimodal/audio"])
       + 0.5 * float(metrics["loss/unimodal/image"]), rel=1e-6)

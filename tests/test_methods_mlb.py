@@ -68,8 +68,8 @@ def test_training_step_is_sgd_on_the_scaled_multi_loss_gradient(heads):
   cfg = fx.tiny_config(**{"method": "mlb", "mlb.unimodal_heads": heads,
                           "student.optimizer.momentum": 0.0,
                           "student.optimizer.weight_decay": 0.0})
-  model, tx, method, gate, step = student_lib.build(cfg, ds, 4)
-  state = student_lib.new_state(cfg, ds, model, tx, method, mesh)
+  s = student_lib.build_student(cfg, ds, mesh)
+  model, gate, step, state = s.model, s.gate, s.step, s.state
   params0 = jax.device_get(state.params)
   assert ("aux" in params0) == (heads == "separate")
   batch = next(loader.train_batches(ds.splits["train"], 32, seed=0, epoch=0))
@@ -95,7 +95,7 @@ def test_training_step_is_sgd_on_the_scaled_multi_loss_gradient(heads):
                       jax.random.key(0))
   new = jax.device_get(new.params)
   for m in MODS:
-    assert float(metrics[f"mlb/coeff/{m}"]) == pytest.approx(k[m], rel=1e-4)
+    assert float(metrics["scalars"][f"mlb/coeff/{m}"]) == pytest.approx(k[m], rel=1e-4)
 
   def expect(path, p0, g):
     keys = [q.key for q in path]

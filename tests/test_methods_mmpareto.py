@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from g2d_jax.methods import mmpareto
+from g2d_jax.methods.base import StepContext
 from g2d_jax.pipeline import loader
 from g2d_jax.pipeline import mesh as mesh_lib
 from g2d_jax.pipeline import steps
@@ -98,12 +99,12 @@ def test_pareto_grads_match_the_released_loop():
                              g_mm["fusion"]["w"] + g_uni["fusion"]["w"])
 
 
-def test_compute_grads_equals_separate_gradients_of_each_loss():
+def test_update_applies_the_pareto_gradient_of_the_separate_losses():
   ds = fx.tiny_dataset()
   mesh = mesh_lib.data_mesh(jax.devices()[:1])
   cfg = fx.tiny_config(method="mmpareto")
-  model, tx, method, gate, step = student_lib.build(cfg, ds, 4)
-  state = student_lib.new_state(cfg, ds, model, tx, method, mesh)
+  s = student_lib.build_student(cfg, ds, mesh)
+  model, method, state = s.model, s.method, s.state
   params = jax.device_get(state.params)
   batch = next(loader.train_batches(ds.splits["train"], 32, seed=0, epoch=0))
   y = batch["label"]
@@ -113,8 +114,19 @@ def test_compute_grads_equals_separate_gradients_of_each_loss():
   g_mm = jax.grad(lambda p: ce(forward(p)[0].logits))(params)
   g_uni = jax.grad(lambda p: sum(ce(l) for l in
                                  forward(p)[0].head_logits.values()))(params)
-  loss, parts, _, _, grads = method.compute_grads(forward, params,
-                                                  dict(batch), None)
+  applied = []
+
+  def optimizer_update(grads, p, opt_state, mask):
+    assert mask is None
+    applied.append(grads)
+    return p, opt_state
+
+  ctx = StepContext(batch=batch, epoch=np.int32(0), step=np.int32(0),
+                    rng=jax.random.key(0), params=params, opt_state=None,
+                    batch_stats=state.batch_stats, method_state=None,
+                    forward=forward, optimizer_update=optimizer_update)
+  res = method.update(ctx)
+  loss, parts, (grads,) = res.loss, res.metrics, applied
   assert float(loss) == pytest.approx(
       float(ce(forward(params)[0].logits))
       + sum(float(parts[f"unimodal/{m}"]) for m in MODS), rel=1e-6)

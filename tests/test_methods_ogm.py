@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from g2d_jax import losses
 from g2d_jax.errors import ConfigError
 from g2d_jax.methods import ogm
 from g2d_jax.pipeline import loader
@@ -126,8 +127,8 @@ def test_training_step_applies_the_coefficients():
   cfg = fx.tiny_config(**{"method": "ogm", "ogm.scope": "encoder",
                           "student.optimizer.momentum": 0.0,
                           "student.optimizer.weight_decay": 0.0})
-  model, tx, method, gate, step = student_lib.build(cfg, ds, 4)
-  state = student_lib.new_state(cfg, ds, model, tx, method, mesh)
+  s = student_lib.build_student(cfg, ds, mesh)
+  model, gate, step, state = s.model, s.gate, s.step, s.state
   params0 = jax.device_get(state.params)
   batch = next(loader.train_batches(ds.splits["train"], 32, seed=0, epoch=0))
   batch["gate"] = gate.for_batch(batch, 0)
@@ -135,7 +136,7 @@ def test_training_step_applies_the_coefficients():
   def loss(p):
     out, _ = steps.apply_model(model, p, state.batch_stats, batch["inputs"],
                                train=True, rng=jax.random.key(0))
-    return method.loss(out, batch)[0], out
+    return losses.cross_entropy(out.logits, batch["label"]), out
   (_, out), grads = jax.value_and_grad(loss, has_aux=True)(params0)
   k = released_coefficients(np.asarray(out.modality_logits["audio"]),
                             np.asarray(out.modality_logits["image"]),
@@ -143,6 +144,7 @@ def test_training_step_applies_the_coefficients():
   new, metrics = step(state, mesh_lib.shard_batch(batch, mesh), np.int32(0),
                       jax.random.key(0))
   new = jax.device_get(new.params)
+  metrics = metrics["scalars"]
   assert float(metrics["ogm/coeff/audio"]) == pytest.approx(k[0], rel=1e-5)
   assert float(metrics["ogm/coeff/image"]) == pytest.approx(k[1], rel=1e-5)
   for i, m in enumerate(MODS):

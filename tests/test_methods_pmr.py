@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from g2d_jax.methods import pmr
+from g2d_jax.methods.base import StepContext
 from g2d_jax.models import MultimodalOutput
 from g2d_jax.pipeline import loader
 from g2d_jax.pipeline import mesh as mesh_lib
@@ -58,18 +59,18 @@ def test_loss_matches_the_released_code(seed):
   protos = {"audio": rng.normal(size=(4, 6)), "image": rng.normal(size=(4, 5))}
   out = rng.normal(size=(8, 4))
   y = rng.integers(0, 4, 8)
-  cfg = fx.tiny_config(method="pmr")
-  method = student_lib.build_method(cfg, fx.tiny_dataset())
+  loss = pmr.make_loss(fx.tiny_config(method="pmr"), "classification")
   outputs = MultimodalOutput(jnp.float32(out), {},
                              {"audio": jnp.float32(a), "image": jnp.float32(v)})
-  batch = {"label": y, "epoch": np.int32(0),
-           "method_state": jax.tree.map(jnp.float32, protos)}
-  value, parts = method.loss(outputs, batch)
+  state = jax.tree.map(jnp.float32, protos)
+  value, parts = loss(outputs, StepContext.of_batch(
+      {"label": y}, epoch=0, method_state=state))
   want = released_loss(out, a, v, protos["audio"], protos["image"], y, 2.0)
   assert float(value) == pytest.approx(want, rel=1e-5)
   assert sorted(float(parts[f"pmr/weight/{m}"]) for m in protos) == [0., 2.]
   # Outside the window (epochs 0..70) only the fused CE remains.
-  late, _ = method.loss(outputs, dict(batch, epoch=np.int32(71)))
+  late, _ = loss(outputs, StepContext.of_batch(
+      {"label": y}, epoch=71, method_state=state))
   assert float(late) == pytest.approx(ce(out, y), rel=1e-5)
 
 
@@ -88,12 +89,12 @@ def test_epoch_hook_computes_class_means_in_inference_mode():
   ds = fx.tiny_dataset()
   mesh = mesh_lib.data_mesh(jax.devices()[:1])
   cfg = fx.tiny_config(method="pmr")
-  model, tx, method, _, _ = student_lib.build(cfg, ds, 4)
-  state = student_lib.new_state(cfg, ds, model, tx, method, mesh)
+  s = student_lib.build_student(cfg, ds, mesh)
+  model, state = s.model, s.state
   assert jax.tree.map(np.shape, state.method_state) == {
       "audio": (4, 8), "image": (4, 16)}
-  hook = student_lib.make_epoch_hook(method, model, ds.splits["train"], 32,
-                                     cfg.seed, mesh)
+  hook = student_lib.make_epoch_hook(s, ds.splits["train"], 32, cfg.seed,
+                                     mesh)
   new = hook(state, 1)
   # 4 batches per epoch: max(1, 4 // 10) = 1 batch, the epoch's first.
   batch = next(loader.train_batches(ds.splits["train"], 32, seed=cfg.seed,

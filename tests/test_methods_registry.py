@@ -7,7 +7,10 @@ import numpy as np
 import pytest
 
 from g2d_jax import methods
+from g2d_jax.errors import ConfigError
+from g2d_jax.methods import base
 from g2d_jax.pipeline import config as config_lib
+from g2d_jax.pipeline import loader
 from g2d_jax.pipeline import mesh as mesh_lib
 from g2d_jax.pipeline import steps
 from g2d_jax.pipeline import student as student_lib
@@ -47,12 +50,55 @@ def test_presets_select_the_method_and_optionally_its_optimizer():
     methods.apply_preset(c, "magic")
 
 
-def test_skip_rule():
-  ds = fx.tiny_dataset()
-  built = {n: student_lib.build_method(fx.tiny_config(method=n), ds, 4)
-           for n in TRAINED}
-  assert {n for n, m in built.items() if m.skip_frozen_exact} == {
+def build(name, **overrides):
+  return methods.build_method(fx.tiny_config(method=name, **overrides),
+                              "classification", modalities=("audio", "image"),
+                              steps_per_epoch=4)
+
+
+def test_specs():
+  built = {n: build(n) for n in TRAINED}
+  assert {n for n, m in built.items() if m.spec.skip_frozen_exact} == {
       "joint", "umt", "pmr", "g2d"}
+  assert {n: m.spec.updates_per_step for n, m in built.items()
+          if m.spec.updates_per_step != 1} == {"mla": 2}
+  assert {n: m.spec.heads.kind for n, m in built.items() if m.spec.heads} == {
+      "mlb": "unimodal", "mmpareto": "unimodal", "mla": "shared"}
+  assert {n: sorted(m.spec.teacher_outputs) for n, m in built.items()
+          if m.spec.teacher_outputs} == {"umt": ["features"],
+                                         "g2d": ["features", "logits"]}
+  assert [n for n, m in built.items() if m.spec.masked_updates] == ["mla"]
+  assert [n for n, m in built.items() if m.epoch_hook] == ["pmr"]
+
+
+def test_ume_is_selectable_but_builds_no_method():
+  assert methods.trains_nothing("ume") and not methods.trains_nothing("g2d")
+  with pytest.raises(ConfigError, match="trains no student"):
+    build("ume")
+
+
+def test_invalid_methods_fail_at_construction():
+  update = base.standard_update(lambda out, ctx: (0.0, {}))
+  with pytest.raises(ConfigError, match="teacher outputs"):
+    base.Method("m", update, base.MethodSpec(
+        teacher_outputs=frozenset({"attention"})))
+  with pytest.raises(ConfigError, match="updates_per_step"):
+    base.Method("m", update, base.MethodSpec(updates_per_step=0))
+  with pytest.raises(ConfigError, match="heads kind"):
+    base.Method("m", update, base.MethodSpec(heads=base.HeadsSpec("tree")))
+  hook = base.EpochHook(0.1, lambda o, b: {}, lambda s, x, e: s)
+  with pytest.raises(ConfigError, match="no init_state"):
+    base.Method("m", update, epoch_hook=hook)
+  with pytest.raises(ConfigError, match="fraction"):
+    base.Method("m", update, init_state=lambda p, o: {},
+                epoch_hook=base.EpochHook(0.0, hook.accumulate, hook.finish))
+  # A method that masks its updates needs the gated student optimizer.
+  mla = build("mla")
+  with pytest.raises(ConfigError, match="gated student optimizer"):
+    steps.TrainStep(None, None, mla, "classification", gate=None)
+  with pytest.raises(ConfigError, match="steps_per_epoch"):
+    methods.build_method(fx.tiny_config(method="mla"), "classification",
+                         modalities=("audio", "image"))
 
 
 # Loss-only methods (joint, umt, g2d) compose through the same path as G2D,
@@ -68,10 +114,10 @@ def test_smp_composes_with_every_method(name):
   if name in ("ogm", "ogm_ge"):
     overrides[f"{name}.scope"] = "encoder"  # the tiny image encoder is an MLP
   cfg = fx.tiny_config(**overrides)
-  model, tx, method, gate, step = student_lib.build(cfg, ds, 4)
-  state = student_lib.new_state(cfg, ds, model, tx, method, mesh)
-  hook = student_lib.make_epoch_hook(method, model, ds.splits["train"], 32,
-                                     cfg.seed, mesh)
+  s = student_lib.build_student(cfg, ds, mesh)
+  method, gate, step, state = s.method, s.gate, s.step, s.state
+  hook = student_lib.make_epoch_hook(s, ds.splits["train"], 32, cfg.seed,
+                                     mesh)
   if hook is not None:
     state = hook(state, 0)
   before = jax.device_get(state.params)
@@ -80,6 +126,7 @@ def test_smp_composes_with_every_method(name):
   assert batch["gate"]["pattern"] == 0
   new, metrics = step(state, mesh_lib.shard_batch(batch, mesh), np.int32(0),
                       jax.random.key(0))
+  metrics = metrics["scalars"]
   after = jax.device_get(new.params)
   assert np.isfinite(float(metrics["loss"]))
   assert float(metrics["kappa/image"]) == 0.0
@@ -93,5 +140,5 @@ def test_smp_composes_with_every_method(name):
       jax.tree.leaves(after["encoders"]["audio"]),
       jax.tree.leaves(before["encoders"]["audio"])))
   assert moved
-  expect = 0 if method.skip_frozen_exact else steps.ALL
+  expect = 0 if method.spec.skip_frozen_exact else loader.ALL
   assert step.compiled_patterns() == {expect: 1}

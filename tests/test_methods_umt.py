@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from g2d_jax.methods import umt
+from g2d_jax.methods.base import StepContext
 from g2d_jax.models import MultimodalOutput
 from tests import pipeline_fixtures as fx
 
@@ -20,9 +21,10 @@ def test_loss_by_hand(alpha, reduction):
   cfg = fx.tiny_config(**{"method": "umt", "umt.alpha": alpha,
                           "umt.feature_reduction": reduction})
   method = umt.build(cfg, "classification")
-  assert method.teacher_outputs == frozenset({"features"})
-  value, parts = method.loss(MultimodalOutput(logits, {}, fs),
-                             {"label": y, "teacher": {"features": ft}})
+  assert method.spec.teacher_outputs == frozenset({"features"})
+  value, parts = umt.make_loss(cfg, "classification")(
+      MultimodalOutput(logits, {}, fs), StepContext.of_batch(
+          {"label": y, "teacher": {"features": ft}}))
   ce = -np.mean([np.log(np.e / (np.e + 1)), np.log(0.5)])
   # Squared errors: audio 1 + 0 + 1 + 1 = 3 over 4 elements (per sample:
   # 1 and 2), image 0 + 4 over 2 elements (per sample: 0 and 4).

@@ -13,7 +13,7 @@ import pytest
 from g2d_jax.errors import CacheMismatchError
 from g2d_jax.pipeline import evaluate
 from g2d_jax.pipeline import mesh as mesh_lib
-from g2d_jax.pipeline import metrics as metrics_lib
+from g2d_jax.pipeline import logs
 from g2d_jax.pipeline import precompute
 from g2d_jax.pipeline import student
 from g2d_jax.pipeline import teachers
@@ -114,8 +114,8 @@ def test_interrupted_and_resumed_training_equals_uninterrupted(trained,
     np.testing.assert_array_equal(a, b)
   # The metrics files tell the same story (no duplicated or lost records).
   for name in ("metrics.jsonl", "steps.jsonl"):
-    ra = metrics_lib.JsonlWriter(os.path.join(straight, "student", name)).read()
-    rb = metrics_lib.JsonlWriter(os.path.join(resumed, "student", name)).read()
+    ra = logs.JsonlWriter(os.path.join(straight, "student", name)).read()
+    rb = logs.JsonlWriter(os.path.join(resumed, "student", name)).read()
     assert ra == rb and len(ra) == (3 if name == "metrics.jsonl" else 12)
 
 

@@ -8,9 +8,9 @@ import pytest
 
 from g2d_jax.errors import ConfigError
 from g2d_jax.errors import TrainingError
-from g2d_jax.pipeline import common
 from g2d_jax.pipeline import config as config_lib
 from g2d_jax.pipeline import mesh as mesh_lib
+from g2d_jax.pipeline import records
 from g2d_jax.pipeline import student as student_lib
 from g2d_jax.pipeline import teachers
 from tests import pipeline_fixtures as fx
@@ -48,7 +48,7 @@ def test_diverging_loss_stops_with_a_message_and_no_done_marker(tmp_path):
   with pytest.raises(TrainingError, match="lower the learning rate"):
     teachers.train_teachers(cfg, ds, str(tmp_path), mesh)
   audio = teachers.teacher_dir(str(tmp_path), "audio")
-  assert not os.path.exists(os.path.join(audio, common.DONE))
+  assert not os.path.exists(os.path.join(audio, records.DONE))
   with pytest.raises(Exception, match="--mode=teachers"):
     teachers.teacher_digests(cfg, ds, str(tmp_path))
 
@@ -59,4 +59,5 @@ def test_reference_gating_on_an_encoder_without_convs_is_a_config_error():
   cfg = fx.tiny_config(**{"gating.semantics": "reference"})
   with pytest.raises(ConfigError, match="'image' encoder has none; use "
                      "--config.gating.semantics=freeze"):
-    student_lib.build(cfg, ds, 4)
+    student_lib.build_student(cfg, ds, mesh_lib.data_mesh(jax.devices()[:1]),
+                              init=False)

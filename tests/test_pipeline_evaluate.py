@@ -8,10 +8,9 @@ import pytest
 from g2d_jax import errors
 from g2d_jax import regression_metrics
 from g2d_jax.data import base
-from g2d_jax.pipeline import common
 from g2d_jax.pipeline import evaluate
 from g2d_jax.pipeline import mesh as mesh_lib
-from g2d_jax.pipeline import steps
+from g2d_jax.pipeline import scoring
 from g2d_jax.pipeline import student as student_lib
 from tests import pipeline_fixtures as fx
 
@@ -47,9 +46,9 @@ def test_missing_modality_scores_equal_numpy_late_fusion():
   ds = fx.tiny_dataset()
   cfg = fx.tiny_config(method="joint", **{"eval.missing_rates": (0.0, 0.5)})
   mesh = mesh_lib.data_mesh(jax.devices()[:1])
-  model, tx, method, _, _ = student_lib.build(cfg, ds, 4)
-  state = student_lib.new_state(cfg, ds, model, tx, method, mesh)
-  eval_step = steps.make_eval_step(model, ds.task)
+  s = student_lib.build_student(cfg, ds, mesh)
+  model, state = s.model, s.state
+  eval_step = scoring.make_eval_step(model, ds.task)
   got = evaluate.missing_modality_scores(cfg, ds, eval_step, state.params,
                                          state.batch_stats, mesh)
   test = ds.splits["test"]
@@ -89,8 +88,8 @@ def test_regression_scores_unscale_targets_and_match_numpy():
                               splits, 1, "regression", fp)
   cfg = fx.tiny_config(method="joint")
   mesh = mesh_lib.data_mesh(jax.devices()[:1])
-  model, tx, method, _, _ = student_lib.build(cfg, ds, 4)
-  state = student_lib.new_state(cfg, ds, model, tx, method, mesh)
+  s = student_lib.build_student(cfg, ds, mesh)
+  model, state = s.model, s.state
   rep = evaluate.regression_scores(model, state.params, state.batch_stats, ds,
                                    20, mesh)
   x = splits["test"].batch(np.arange(48))
@@ -109,22 +108,3 @@ def test_regression_scores_unscale_targets_and_match_numpy():
     assert rep[head]["mae"] == pytest.approx(regression_metrics.mae(y, p),
                                              rel=1e-5)
 
-
-def test_method_unimodal_heads_are_scored_as_aux():
-  """MLB's own unimodal heads (what its released code reports) are scored
-  beside the fusion's per-modality logits."""
-  ds = fx.tiny_dataset()
-  cfg = fx.tiny_config(method="mlb")
-  mesh = mesh_lib.data_mesh(jax.devices()[:1])
-  model, tx, method, _, _ = student_lib.build(cfg, ds, 4)
-  state = student_lib.new_state(cfg, ds, model, tx, method, mesh)
-  res = common.evaluate_split(steps.make_eval_step(model, ds.task),
-                              state.params, state.batch_stats,
-                              ds.splits["test"], 24, mesh, ds.task)
-  x = ds.splits["test"].batch(np.arange(64))
-  out = model.apply({"params": state.params,
-                     "batch_stats": state.batch_stats},
-                    {m: x[m] for m in ds.modalities}, train=False)
-  for m in ds.modalities:
-    want = np.mean(np.argmax(out.head_logits[m], -1) == x["label"])
-    assert res[f"accuracy/aux/{m}"] == pytest.approx(want)

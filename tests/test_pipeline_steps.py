@@ -5,11 +5,8 @@ import jax
 import numpy as np
 import pytest
 
-import g2d_jax
-from g2d_jax.pipeline import common
 from g2d_jax.pipeline import loader
 from g2d_jax.pipeline import mesh as mesh_lib
-from g2d_jax.pipeline import steps
 from g2d_jax.pipeline import student as student_lib
 from tests import pipeline_fixtures as fx
 
@@ -33,14 +30,11 @@ IMAGE_WEAK = ([3.0, 0.0, 0.0, 0.0], [0.0, 2.0, 0.0, 0.0])
 
 
 def one_step(config, ds, batch, epoch, mesh):
-  spe = loader.steps_per_epoch(len(ds.splits["train"]),
-                               config.student.batch_size)
-  model, tx, _, gate, step = student_lib.build(config, ds, spe)
-  state = common.new_state(model, tx, ds.splits["train"], config.seed, mesh)
-  batch = dict(batch, gate=gate.for_batch(batch, epoch))
-  new_state, metrics = step(state, mesh_lib.shard_batch(batch, mesh),
-                            np.int32(epoch), jax.random.key(0))
-  return jax.device_get(new_state), jax.device_get(metrics)
+  s = student_lib.build_student(config, ds, mesh)
+  batch = dict(batch, gate=s.gate.for_batch(batch, epoch))
+  new_state, metrics = s.step(s.state, mesh_lib.shard_batch(batch, mesh),
+                              np.int32(epoch), jax.random.key(0))
+  return jax.device_get(new_state), jax.device_get(metrics["scalars"])
 
 
 @pytest.mark.parametrize("semantics", ["freeze", "reference"])
@@ -67,10 +61,8 @@ def test_skipping_frozen_backward_gives_identical_parameters(
     np.testing.assert_array_equal(a, b)
   # And the frozen branch really did not move under "freeze".
   if semantics == "freeze":
-    ds_state = common.new_state(
-        *student_lib.build(fx.tiny_config(**fx.CNN_IMAGE), ds, 4)[:2],
-        ds.splits["train"], 999, mesh)
-    init = jax.device_get(ds_state.params)
+    init = jax.device_get(student_lib.build_student(
+        fx.tiny_config(**fx.CNN_IMAGE), ds, mesh).state.params)
     for m, k in expect.items():
       same = all(np.array_equal(a, b) for a, b in zip(
           jax.tree.leaves(init["encoders"][m]),
@@ -89,20 +81,18 @@ def test_pattern_step_skips_the_frozen_branch_backward(semantics):
   flops = {}
   for sem in ("freeze", "reference"):
     cfg = fx.tiny_config(**{"gating.semantics": sem}, **fx.CNN_IMAGE)
-    model, tx, _, gate, step = student_lib.build(cfg, ds, 4)
-    state = common.new_state(model, tx, ds.splits["train"], cfg.seed, mesh)
-    b = dict(batch, gate=gate.for_batch(batch, 0))
-    assert b["gate"]["pattern"] == 1        # image alone
-    g = dict(b["gate"])
-    g.pop("pattern")
-    dev = mesh_lib.shard_batch(dict(b, gate=g), mesh)
-    for pattern in (steps.ALL, 1):
-      compiled = step._build(pattern).lower(  # pylint: disable=protected-access
-          state, dev, np.int32(0), jax.random.key(0)).compile()
+    s = student_lib.build_student(cfg, ds, mesh)
+    b = dict(batch, gate=s.gate.for_batch(batch, 0))
+    pattern, b = s.step.split_pattern(b)
+    assert pattern == 1        # image alone
+    dev = mesh_lib.shard_batch(b, mesh)
+    for pattern in (loader.ALL, 1):
+      compiled = s.step.jitted(pattern).lower(
+          s.state, dev, np.int32(0), jax.random.key(0)).compile()
       cost = compiled.cost_analysis()
       cost = cost[0] if isinstance(cost, list) else cost
       flops[sem, pattern] = cost["flops"]
-  assert flops[semantics, 1] < flops[semantics, steps.ALL]
+  assert flops[semantics, 1] < flops[semantics, loader.ALL]
   assert flops["freeze", 1] < flops["reference", 1]
 
 
@@ -122,8 +112,8 @@ def test_step_compiles_once_across_epochs_and_gating_patterns():
   ds = fx.tiny_dataset()
   cfg = fx.tiny_config()
   mesh = mesh_lib.data_mesh(jax.devices()[:1])
-  model, tx, _, gate, step = student_lib.build(cfg, ds, 4)
-  state = common.new_state(model, tx, ds.splits["train"], cfg.seed, mesh)
+  s = student_lib.build_student(cfg, ds, mesh)
+  gate, step, state = s.gate, s.step, s.state
   patterns = []
   for epoch, teacher in [(0, AUDIO_WEAK), (0, IMAGE_WEAK), (1, AUDIO_WEAK),
                          (2, IMAGE_WEAK), (0, AUDIO_WEAK)]:
@@ -133,19 +123,19 @@ def test_step_compiles_once_across_epochs_and_gating_patterns():
     state, _ = step(state, mesh_lib.shard_batch(batch, mesh), np.int32(epoch),
                     jax.random.key(0))
   # audio (0) alone, image (1) alone, then all (-1): one compilation each.
-  assert patterns == [0, 1, steps.ALL, steps.ALL, 0]
-  assert step.compiled_patterns() == {0: 1, 1: 1, steps.ALL: 1}
+  assert patterns == [0, 1, loader.ALL, loader.ALL, 0]
+  assert step.compiled_patterns() == {0: 1, 1: 1, loader.ALL: 1}
 
 
 def test_gate_partial_suppression_inside_window_only():
   ds = fx.tiny_dataset()
   cfg = fx.tiny_config(**{"gating.suppression": "partial",
                           "gating.partial_strength": 0.5})
-  gate = steps.GateSpec(cfg, ds.modalities, "classification")
+  gate = loader.GateSpec(cfg, ds.modalities, "classification")
   batch = batch_with_teacher(ds, *AUDIO_WEAK)
   g = gate.for_batch(batch, 0)
   kappa, rho = g["kappa"], g["confidence"]
-  assert g["pattern"] == steps.ALL  # fractional gates never skip
+  assert g["pattern"] == loader.ALL  # fractional gates never skip
   p = lambda z: np.exp(z) / np.exp(z).sum()
   ra, ri = p(np.array(AUDIO_WEAK[0]))[0], p(np.array(AUDIO_WEAK[1]))[0]
   assert float(rho["audio"]) == pytest.approx(ra, rel=1e-5)

@@ -2,11 +2,11 @@
 
 One module per method, each with `default_config()` (its hyperparameters with
 the defaults of its released code, commented with their source) and
-`build(config, task, **context) -> Method`:
+`build(config, task, **context) -> Method` (the contract is in
+`g2d_jax.methods.base`):
 
   joint      fused cross-entropy only
   umt        + feature distillation from the unimodal teachers
-  ume        no student: the ensemble of the unimodal teachers
   ogm        OGM: dominant encoder's conv gradients scaled by 1 - tanh(a rho)
   ogm_ge     OGM + Gaussian noise on the encoders' conv gradients
   mlb        multi-loss + per-modality gradient scaling (speeds up / slows down)
@@ -15,15 +15,24 @@ the defaults of its released code, commented with their source) and
   pmr        prototype cross-entropy on the weaker modality
   g2d        G2D loss (+ SMP by default)
 
+and one evaluation that trains nothing, selectable by the same name:
+
+  ume        the ensemble of the unimodal teachers (`methods.ume`; every run's
+             evaluation reports it as `teacher_ensemble`)
+
 `config.method` picks one; `config.<method>` holds its hyperparameters (every
 method's sub-config is in the base config, so `--config.ogm_ge.alpha=0.3`
 works on any config file). `config.smp` adds SMP gating to any method that
-trains a multimodal student; left unset (None) it is on for G2D only.
+trains a multimodal student; left unset (None) it is on where the method's
+module says `SMP_DEFAULT = True` (G2D only).
 
 Presets: `apply_preset(config, name)` selects a method;
 `apply_preset(config, name, method_optimizer=True)` also sets the student
 optimizer to the one the method's released code trains with
 (`PROTOCOLS`). `configs/avmnist.py:<preset>,<method>` applies the former.
+
+Adding a method: one module with `default_config` and `build`, and its line
+in `_MODULES`.
 """
 
 from __future__ import annotations
@@ -35,14 +44,17 @@ import ml_collections
 
 from g2d_jax.errors import ConfigError
 from g2d_jax.methods.base import EpochHook
+from g2d_jax.methods.base import Gradient
 from g2d_jax.methods.base import HeadsSpec
 from g2d_jax.methods.base import Method
-from g2d_jax.methods.base import UpdateResult
+from g2d_jax.methods.base import MethodSpec
+from g2d_jax.methods.base import StepContext
+from g2d_jax.methods.base import StepResult
+from g2d_jax.methods.base import standard_update
 
 _MODULES = {
     "joint": "g2d_jax.methods.joint",
     "umt": "g2d_jax.methods.umt",
-    "ume": "g2d_jax.methods.ume",
     "ogm": "g2d_jax.methods.ogm",
     "ogm_ge": "g2d_jax.methods.ogm",
     "mlb": "g2d_jax.methods.mlb",
@@ -52,9 +64,9 @@ _MODULES = {
     "g2d": "g2d_jax.methods.g2d",
 }
 
-# Whether SMP is on when config.smp is left unset: G2D is "G2D loss + SMP";
-# every comparator runs as published (SMP off) unless --config.smp=True.
-_SMP_DEFAULT = {"g2d": True}
+# The teachers' ensemble: selectable as config.method, trains no student.
+TEACHER_ENSEMBLE = "ume"
+_ENSEMBLE_MODULE = "g2d_jax.methods.ume"
 
 # The optimizer each method's released code trains with (CREMA-D settings of
 # the reference notes); decay epochs are absolute, for 100-epoch protocols.
@@ -85,17 +97,30 @@ PROTOCOLS: dict[str, dict[str, Any]] = {
 
 
 def available() -> tuple[str, ...]:
-  return tuple(_MODULES)
+  """Every name `config.method` accepts: the training methods and UME."""
+  return (*_MODULES, TEACHER_ENSEMBLE)
+
+
+def trains_nothing(name: str) -> bool:
+  """Whether `name` is the teachers' ensemble (no student to train)."""
+  return name == TEACHER_ENSEMBLE
 
 
 def default_configs() -> dict[str, ml_collections.ConfigDict]:
   """{method: its default hyperparameters}; `ogm` and `ogm_ge` share fields."""
+  modules = {**_MODULES, TEACHER_ENSEMBLE: _ENSEMBLE_MODULE}
   return {name: importlib.import_module(module).default_config()
-          for name, module in _MODULES.items()}
+          for name, module in modules.items()}
 
 
 def smp_default(name: str) -> bool:
-  return _SMP_DEFAULT.get(name, False)
+  """Whether SMP is on for `name` when config.smp is unset: the module's
+  `SMP_DEFAULT` (G2D is "G2D loss + SMP"; every comparator runs as
+  published, SMP off, unless --config.smp=True)."""
+  if name not in _MODULES:
+    return False
+  return bool(getattr(importlib.import_module(_MODULES[name]), "SMP_DEFAULT",
+                      False))
 
 
 def smp_enabled(config: ml_collections.ConfigDict) -> bool:
@@ -114,9 +139,14 @@ def build_method(config: ml_collections.ConfigDict, task: str,
     **context: what some methods need besides the config: `modalities`
       (the dataset's modality order) and `steps_per_epoch`.
   """
+  if trains_nothing(config.method):
+    raise ConfigError(
+        f"config.method={config.method!r} trains no student: it is the "
+        "ensemble of the unimodal teachers, which the evaluation stage "
+        "reports (--mode=eval); pick a training method to build a student.")
   if config.method not in _MODULES:
     raise ConfigError(f"config.method={config.method!r} is not implemented; "
-                      f"choose one of {sorted(_MODULES)}.")
+                      f"choose one of {sorted(available())}.")
   return importlib.import_module(_MODULES[config.method]).build(
       config, task, **context)
 
@@ -126,9 +156,9 @@ def apply_preset(config: ml_collections.ConfigDict, name: str, *,
   """Selects method `name` (its hyperparameters are the defaults in
   `config.<name>`); with `method_optimizer`, also the student optimizer of
   the method's released code (`PROTOCOLS`). Returns `config`."""
-  if name not in _MODULES:
+  if name not in available():
     raise ConfigError(f"unknown method {name!r}; choose one of "
-                      f"{sorted(_MODULES)}.")
+                      f"{sorted(available())}.")
   config.method = name
   if method_optimizer and name in PROTOCOLS:
     for key, value in PROTOCOLS[name].items():
@@ -136,6 +166,7 @@ def apply_preset(config: ml_collections.ConfigDict, name: str, *,
   return config
 
 
-__all__ = ["EpochHook", "HeadsSpec", "Method", "PROTOCOLS", "UpdateResult",
+__all__ = ["EpochHook", "Gradient", "HeadsSpec", "Method", "MethodSpec",
+           "PROTOCOLS", "StepContext", "StepResult", "TEACHER_ENSEMBLE",
            "apply_preset", "available", "build_method", "default_configs",
-           "smp_default", "smp_enabled"]
+           "smp_default", "smp_enabled", "standard_update", "trains_nothing"]

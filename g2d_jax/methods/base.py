@@ -1,34 +1,38 @@
-"""What a balancing method supplies to the shared training step (DESIGN sec. 6).
+"""The method contract: what a balancing method supplies to the training step.
 
-A method is a handful of pure functions; the loop, data, checkpoints and
-evaluation never look inside it. SMP gating is not part of any method: the
-step applies it (as an optimizer gate) to whichever method runs.
+A method owns its update. It is a `Method`: a name, a static `MethodSpec`,
+and one function
 
-Only `loss` is required. The optional hooks, from the most common to the
-rarest:
+    update(ctx: StepContext) -> StepResult
 
-- `modulate_grads`: rescale or perturb the gradient before the optimizer
-  (OGM, OGM-GE, MLB).
-- `compute_grads`: compute the gradient itself from a forward function, e.g.
-  several losses' gradients combined per tensor (MMPareto).
-- `update`: replace "gradient, then one optimizer update" by several
-  optimizer sub-updates per batch (MLA); `updates_per_step` tells the
-  pipeline how many, so per-epoch learning-rate schedules stay per epoch.
-- `init_state`: method state carried in `TrainState.method_state` across
-  steps and checkpoints (MLA's projection matrix, PMR's prototypes).
-- `epoch_hook`: host-side work at the start of every epoch whose result is
-  written into the method state and reaches the step as a traced value
-  (PMR's prototypes over a slice of the training set).
-- `heads`: extra heads the method adds to the student model (MLB's and
-  MMPareto's unimodal classifiers, MLA's shared head).
-- `trains_student=False`: nothing is trained; the pipeline evaluates the
-  ensemble of the teachers instead (UME).
+that the pipeline's jitted step calls once per batch, plus optionally the
+method's own state (`init_state`) and host-side work at the start of every
+epoch (`epoch_hook`). The loop, data, checkpoints and evaluation never look
+inside it, and SMP gating is not part of any method: `ctx.apply` is the
+SMP-gated optimizer, so SMP composes with whatever the update does.
 
-Every hook runs inside the jitted step (except `epoch_hook`'s driver) and
-must be free of host syncs and Python side effects. Values that change per
-step reach the hooks through the batch, which the step extends with
-`batch["epoch"]` (int32 scalar), `batch["step"]` (the global step counter
-before this update) and `batch["method_state"]`.
+Most methods are a loss plus, optionally, a rule that rewrites the gradient
+before the optimizer; `standard_update(loss, modulate)` is that update:
+
+    def loss(outputs, ctx):
+      value = losses.cross_entropy(outputs.logits, ctx.batch["label"])
+      return value, {"student": value}
+
+    method = Method("joint", standard_update(loss),
+                    MethodSpec(skip_frozen_exact=True))
+
+Methods that need more (several gradients per batch, several optimizer
+updates per batch) write `update` themselves from the same context:
+`ctx.forward`, `ctx.value_and_grad` and `ctx.apply` (MMPareto, MLA).
+
+Everything `update` (and a loss or modulation rule) does runs inside the
+jitted step: no host syncs, no Python side effects. Values that change per
+step (`ctx.epoch`, `ctx.step`, `ctx.method_state`, the SMP kappa inside
+`ctx.apply`) are traced, so the step compiles once.
+
+Metric names: a loss's or update's metrics are reported as `loss/<name>`,
+except names that start with the method's own name (`ogm/coeff/audio`), its
+diagnostics, which are reported as they are.
 """
 
 from __future__ import annotations
@@ -38,40 +42,189 @@ from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
+
+from g2d_jax.errors import ConfigError
 
 Array = jax.Array
 Batch = Mapping[str, Any]
-# (model outputs, batch) -> (scalar loss, {name: scalar metric})
-LossFn = Callable[[Any, Batch], tuple[Array, dict[str, Array]]]
-# (grads, model outputs, batch, epoch, rng) -> (grads, {name: metric})
-GradFn = Callable[[Any, Any, Batch, Array, Array], tuple[Any, dict[str, Array]]]
-# params -> (model outputs, new batch_stats): the train-mode forward pass.
-ForwardFn = Callable[[Any], tuple[Any, Any]]
-# (forward, params, batch, rng) -> (loss, metrics, outputs, new batch_stats,
-# grads)
-ComputeGradsFn = Callable[[ForwardFn, Any, Batch, Array],
-                          tuple[Array, dict[str, Array], Any, Any, Any]]
-# (grads, params, opt_state, mask) -> (params, opt_state): one optimizer
-# update; `mask` ({modality: 0/1}) multiplies the SMP kappa of this update.
-ApplyFn = Callable[[Any, Any, Any, Mapping[str, Array] | None],
-                   tuple[Any, Any]]
+Metrics = dict[str, Array]
+
+TEACHER_OUTPUTS = ("logits", "features")
+HEAD_KINDS = ("unimodal", "shared")
 
 
-class UpdateResult(NamedTuple):
-  """What an `update` hook returns (the new training state, minus the step)."""
+class Gradient(NamedTuple):
+  """What `StepContext.value_and_grad` returns."""
+  loss: Array
+  metrics: Metrics
+  outputs: Any          # the model outputs of the train-mode forward pass
+  batch_stats: Any      # the BatchNorm statistics after that pass
+  grads: Any            # d loss / d params
+
+
+class StepResult(NamedTuple):
+  """What `update` returns: the new training state (minus the step counter),
+  the loss and metrics to report, and the outputs the accuracy is read from."""
   params: Any
   opt_state: Any
   batch_stats: Any
   loss: Array
-  metrics: dict[str, Array]
+  metrics: Metrics
   outputs: Any
   method_state: Any
 
 
-# (forward, params, opt_state, batch, rng, apply) -> UpdateResult
-UpdateFn = Callable[[ForwardFn, Any, Any, Batch, Array, ApplyFn], UpdateResult]
-# (params, abstract model outputs) -> initial method state
-InitStateFn = Callable[[Any, Any], Any]
+@dataclasses.dataclass(frozen=True)
+class StepContext:
+  """What a method's `update` sees of one training step.
+
+  Attributes:
+    batch: the host batch on the devices: `label` [B], `inputs` {m: [B, ...]},
+      `index` [B] and, when the spec asks for them, `teacher` =
+      {"logits": {m: [B, C]}, "features": {m: [B, D]}} from the cache.
+    epoch: int32 scalar, 0-indexed.
+    step: int32 scalar, the global step counter before this update.
+    rng: a PRNG key for this step (already folded with the step counter).
+    params: the parameters at the start of the step.
+    opt_state: the optimizer state at the start of the step.
+    batch_stats: the BatchNorm statistics at the start of the step.
+    method_state: the method's state (None without `init_state`).
+    forward: `forward(params) -> (outputs, new batch_stats)`, the train-mode
+      forward pass (with SMP-frozen branches behind `stop_gradient` when the
+      step is specialised to a gating pattern).
+    optimizer_update: `(grads, params, opt_state, mask) -> (params,
+      opt_state)`; use `apply`.
+  """
+  batch: Batch
+  epoch: Array
+  step: Array
+  rng: Array
+  params: Any
+  opt_state: Any
+  batch_stats: Any
+  method_state: Any
+  forward: Callable[[Any], tuple[Any, Any]]
+  optimizer_update: Callable[..., tuple[Any, Any]]
+
+  @classmethod
+  def of_batch(cls, batch: Batch, *, epoch: Any = 0, step: Any = 0,
+               method_state: Any = None, rng: Any = None) -> StepContext:
+    """A context for calling a method's loss or gradient rule outside the
+    training step (tests, custom loops): no model, so `forward` and
+    `apply` raise."""
+    def unavailable(*args, **kwargs):
+      raise ValueError("this StepContext was made by of_batch: it has no "
+                       "model or optimizer; only the batch, epoch, step and "
+                       "method state.")
+    return cls(batch=batch, epoch=jnp.asarray(epoch, jnp.int32),
+               step=jnp.asarray(step, jnp.int32),
+               rng=jax.random.key(0) if rng is None else rng, params=None,
+               opt_state=None, batch_stats=None, method_state=method_state,
+               forward=unavailable, optimizer_update=unavailable)
+
+  @property
+  def labels(self) -> Array:
+    return self.batch["label"]
+
+  def value_and_grad(self, loss: Callable[[Any, StepContext],
+                                          tuple[Array, Metrics]],
+                     params: Any = None) -> Gradient:
+    """Forward pass, `loss(outputs, ctx)` and its gradient w.r.t. params
+    (default: the step's parameters)."""
+    params = self.params if params is None else params
+
+    def fn(p):
+      outputs, batch_stats = self.forward(p)
+      value, metrics = loss(outputs, self)
+      return value, (metrics, outputs, batch_stats)
+
+    (value, (metrics, outputs, batch_stats)), grads = jax.value_and_grad(
+        fn, has_aux=True)(params)
+    return Gradient(value, metrics, outputs, batch_stats, grads)
+
+  def apply(self, grads: Any, mask: Mapping[str, Array] | None = None, *,
+            params: Any = None, opt_state: Any = None) -> tuple[Any, Any]:
+    """One SMP-gated optimizer update: `(new params, new opt_state)`.
+
+    Args:
+      grads: gradients in the parameter layout.
+      mask: optional {modality: 0/1} multiplying the SMP kappa of this update
+        (a method's sub-update that must leave some branches alone; needs
+        `MethodSpec(masked_updates=True)`).
+      params: the parameters to update (default: the step's).
+      opt_state: the optimizer state to update (default: the step's).
+    """
+    return self.optimizer_update(
+        grads, self.params if params is None else params,
+        self.opt_state if opt_state is None else opt_state, mask)
+
+
+# update(ctx) -> StepResult
+UpdateFn = Callable[[StepContext], StepResult]
+# loss(outputs, ctx) -> (scalar, {name: scalar})
+LossFn = Callable[[Any, StepContext], tuple[Array, Metrics]]
+# modulate(grads, outputs, ctx) -> (grads, {name: scalar})
+ModulateFn = Callable[[Any, Any, StepContext], tuple[Any, Metrics]]
+
+
+def standard_update(loss: LossFn, modulate: ModulateFn | None = None
+                    ) -> UpdateFn:
+  """The update of a method that is a loss plus an optional gradient rule:
+  `grads = d loss`, `grads = modulate(grads)`, one gated optimizer update."""
+
+  def update(ctx: StepContext) -> StepResult:
+    g = ctx.value_and_grad(loss)
+    grads, metrics = g.grads, dict(g.metrics)
+    if modulate is not None:
+      grads, extra = modulate(grads, g.outputs, ctx)
+      metrics.update(extra)
+    params, opt_state = ctx.apply(grads)
+    return StepResult(params, opt_state, g.batch_stats, g.loss, metrics,
+                      g.outputs, ctx.method_state)
+
+  return update
+
+
+@dataclasses.dataclass(frozen=True)
+class HeadsSpec:
+  """Extra heads a method adds to the student (`g2d_jax.methods.heads`).
+
+  Attributes:
+    kind: "unimodal" (a separate linear classifier per modality on its pooled
+      features, besides the fusion; MLB, MMPareto) or "shared" (one linear
+      head shared by all modalities, which replaces the fusion; MLA).
+    fusion_weights: for "shared": per-modality weights of the fused logits
+      at inference (MLA's `av_alpha`); None means equal weights.
+  """
+  kind: str
+  fusion_weights: tuple[float, ...] | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class MethodSpec:
+  """What a method needs from the pipeline, known before anything runs.
+
+  Attributes:
+    teacher_outputs: the cached teacher outputs its update reads, a subset
+      of {"logits", "features"} (SMP's gate adds "logits" on its own).
+    heads: extra heads of the student model, or None.
+    updates_per_step: optimizer updates per batch (MLA: one per modality);
+      per-epoch learning-rate schedules count this many per batch.
+    skip_frozen_exact: whether a step that skips SMP-frozen branches'
+      backward passes (they sit behind `stop_gradient`) gives the same
+      update as the plain step. True for a loss alone (the gate discards a
+      frozen branch's gradient anyway); a method that reads or rewrites
+      gradients could see the missing ones, so it says False and the step
+      runs the plain backward for it.
+    masked_updates: whether `update` passes per-modality masks to
+      `ctx.apply` (which needs the gated student optimizer).
+  """
+  teacher_outputs: frozenset[str] = frozenset()
+  heads: HeadsSpec | None = None
+  updates_per_step: int = 1
+  skip_frozen_exact: bool = False
+  masked_updates: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,68 +251,44 @@ class EpochHook:
 
 
 @dataclasses.dataclass(frozen=True)
-class HeadsSpec:
-  """Extra heads a method adds to the student (`g2d_jax.methods.heads`).
-
-  Attributes:
-    kind: "unimodal" (a separate linear classifier per modality on its pooled
-      features, besides the fusion; MLB, MMPareto) or "shared" (one linear
-      head shared by all modalities, which replaces the fusion; MLA).
-    fusion_weights: for "shared": per-modality weights of the fused logits
-      at inference (MLA's `av_alpha`); None means equal weights.
-  """
-  kind: str
-  fusion_weights: tuple[float, ...] | None = None
-
-
-@dataclasses.dataclass(frozen=True)
 class Method:
-  """A balancing method as plug-in functions.
+  """A balancing method (see the module docstring).
 
   Attributes:
-    name: the config.method name.
-    loss: the objective over the model outputs and the batch (which holds
-      `label`, `inputs`, the step context keys listed in the module docstring
-      and, when requested, `teacher` = {"logits": {m: ...}, "features":
-      {m: ...}} from the precomputed cache). With `compute_grads` or `update`
-      it only serves for reporting.
-    teacher_outputs: which cached teacher outputs the loss needs ("logits",
-      "features"); SMP adds "logits" on its own.
-    modulate_grads: optional rule that rescales or perturbs gradients before
-      the optimizer (OGM-style methods); identity when None.
-    compute_grads: optional custom gradient computation (replaces
-      `value_and_grad` of `loss`).
-    update: optional custom update with several optimizer sub-updates.
-    updates_per_step: optimizer updates per batch (`update` hooks).
-    init_state: optional initial method state.
-    epoch_hook: optional host-side hook at the start of every epoch.
-    heads: optional extra heads of the student model.
-    trains_student: False when the method trains no student (UME).
-    smp_default: whether SMP is on when `config.smp` is left unset (None):
-      True only for G2D, whose definition includes it.
+    name: the `config.method` name.
+    update: `update(ctx) -> StepResult`, one training step's update.
+    spec: its static needs.
+    init_state: optional `(params, abstract outputs) -> state`, the method
+      state carried in `TrainState.method_state` across steps and
+      checkpoints (MLA's projection matrix, PMR's prototypes).
+    epoch_hook: optional host-side work at the start of every epoch, whose
+      result is written into the method state.
   """
   name: str
-  loss: LossFn
-  teacher_outputs: frozenset[str] = frozenset()
-  modulate_grads: GradFn | None = None
-  compute_grads: ComputeGradsFn | None = None
-  update: UpdateFn | None = None
-  updates_per_step: int = 1
-  init_state: InitStateFn | None = None
+  update: UpdateFn
+  spec: MethodSpec = MethodSpec()
+  init_state: Callable[[Any, Any], Any] | None = None
   epoch_hook: EpochHook | None = None
-  heads: HeadsSpec | None = None
-  trains_student: bool = True
-  smp_default: bool = False
 
-  @property
-  def skip_frozen_exact(self) -> bool:
-    """Whether a step that skips SMP-frozen branches' backward passes (they
-    sit behind `stop_gradient`) gives the same update as the plain step.
-
-    True when the method only defines a loss: the gate discards the frozen
-    branches' gradients anyway. A method that reads or rewrites gradients
-    (or updates in sub-steps) could see the missing gradients, so the step
-    runs the plain backward for it.
-    """
-    return (self.modulate_grads is None and self.compute_grads is None
-            and self.update is None)
+  def __post_init__(self):
+    spec = self.spec
+    where = f"method {self.name!r}"
+    unknown = sorted(set(spec.teacher_outputs) - set(TEACHER_OUTPUTS))
+    if unknown:
+      raise ConfigError(f"{where} asks for teacher outputs {unknown}; the "
+                        f"cache holds {list(TEACHER_OUTPUTS)}.")
+    if int(spec.updates_per_step) != spec.updates_per_step or (
+        spec.updates_per_step < 1):
+      raise ConfigError(f"{where}: updates_per_step="
+                        f"{spec.updates_per_step} must be a whole number >= 1.")
+    if spec.heads is not None and spec.heads.kind not in HEAD_KINDS:
+      raise ConfigError(f"{where}: heads kind {spec.heads.kind!r} is not one "
+                        f"of {HEAD_KINDS}.")
+    hook = self.epoch_hook
+    if hook is not None:
+      if self.init_state is None:
+        raise ConfigError(f"{where} has an epoch hook but no init_state: "
+                          "the hook writes its result into the method state.")
+      if not 0.0 < hook.fraction <= 1.0:
+        raise ConfigError(f"{where}: the epoch hook's fraction "
+                          f"{hook.fraction} must be in (0, 1].")

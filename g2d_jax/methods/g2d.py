@@ -10,7 +10,14 @@ from __future__ import annotations
 import ml_collections
 
 from g2d_jax import losses
+from g2d_jax.methods.base import LossFn
 from g2d_jax.methods.base import Method
+from g2d_jax.methods.base import MethodSpec
+from g2d_jax.methods.base import standard_update
+
+# G2D is its loss plus SMP: SMP is on unless --config.smp=False (the "G2D
+# loss" row of Table 4).
+SMP_DEFAULT = True
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -20,18 +27,25 @@ def default_config() -> ml_collections.ConfigDict:
       alpha=1.0, beta=1.0, temperature=1.0, feature_reduction="mean"))
 
 
-def build(config: ml_collections.ConfigDict, task: str, **unused) -> Method:
-  del unused
+def teacher_outputs(config: ml_collections.ConfigDict) -> frozenset[str]:
+  """The teacher outputs the loss reads: a term weighted 0 needs none."""
   c = config.g2d
-  use_feat, use_logit = c.alpha != 0, c.beta != 0
+  return frozenset(({"features"} if c.alpha != 0 else set())
+                   | ({"logits"} if c.beta != 0 else set()))
 
-  def loss(outputs, batch):
-    teacher = batch["teacher"]
+
+def make_loss(config: ml_collections.ConfigDict, task: str) -> LossFn:
+  """Eq. 4 over the cached teacher outputs."""
+  c = config.g2d
+  needs = teacher_outputs(config)
+
+  def loss(outputs, ctx):
+    teacher = ctx.batch.get("teacher", {})
     value, parts = losses.g2d_loss(
         outputs.logits, outputs.features,
-        teacher["logits"] if use_logit else None,
-        teacher["features"] if use_feat else None,
-        batch["label"], alpha=c.alpha, beta=c.beta,
+        teacher["logits"] if "logits" in needs else None,
+        teacher["features"] if "features" in needs else None,
+        ctx.labels, alpha=c.alpha, beta=c.beta,
         temperature=c.temperature, task=task,
         feature_reduction=c.feature_reduction)
     metrics = {"student": parts["student"]}
@@ -39,10 +53,10 @@ def build(config: ml_collections.ConfigDict, task: str, **unused) -> Method:
     metrics.update({f"logit/{m}": v for m, v in parts["logit"].items()})
     return value, metrics
 
-  needs = set()
-  if use_feat:
-    needs.add("features")
-  if use_logit:
-    needs.add("logits")
-  return Method(name="g2d", loss=loss, teacher_outputs=frozenset(needs),
-                smp_default=True)
+  return loss
+
+
+def build(config: ml_collections.ConfigDict, task: str, **unused) -> Method:
+  del unused
+  return Method("g2d", standard_update(make_loss(config, task)), MethodSpec(
+      teacher_outputs=teacher_outputs(config), skip_frozen_exact=True))

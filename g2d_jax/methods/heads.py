@@ -29,14 +29,15 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from g2d_jax import losses
 from g2d_jax.errors import ConfigError
+from g2d_jax.methods.base import HEAD_KINDS
 from g2d_jax.methods.base import HeadsSpec
 from g2d_jax.models import initializers as inits
 
 Array = jax.Array
 AUX = "aux"
 SHARED_HEAD = "shared_head"
-KINDS = ("unimodal", "shared")
 
 
 class MethodOutput(NamedTuple):
@@ -115,9 +116,9 @@ class WithMethodHeads(nn.Module):
   modalities: tuple[str, ...]
 
   def setup(self) -> None:
-    if self.spec.kind not in KINDS:
+    if self.spec.kind not in HEAD_KINDS:
       raise ConfigError(f"heads kind {self.spec.kind!r} is not one of "
-                        f"{KINDS}.")
+                        f"{HEAD_KINDS}.")
     nn.share_scope(self, self.base)
     self.aux = _Aux(self.spec.kind, self.num_outputs, self.modalities,
                     name=AUX)
@@ -183,6 +184,25 @@ def unimodal_logits(outputs: Any, source: str) -> dict[str, Array]:
     return outputs.modality_logits
   raise ConfigError(f"unimodal_heads={source!r} must be 'separate' or "
                     "'fusion'.")
+
+
+def multi_loss_terms(outputs: Any, labels: Array, source: str
+                     ) -> tuple[Array, dict[str, Array]]:
+  """(CE of the fused logits, {m: CE of modality m's unimodal logits}): the
+  terms of the multi-loss objective of MLB and MMPareto."""
+  fused = losses.cross_entropy(outputs.logits, labels)
+  uni = {m: losses.cross_entropy(l, labels)
+         for m, l in unimodal_logits(outputs, source).items()}
+  return fused, uni
+
+
+def multi_loss(outputs: Any, labels: Array, source: str
+               ) -> tuple[Array, dict[str, Array]]:
+  """`CE(fused) + sum_m CE(unimodal_m)` and its terms as metrics
+  (`student`, `unimodal/<m>`)."""
+  fused, uni = multi_loss_terms(outputs, labels, source)
+  metrics = {"student": fused, **{f"unimodal/{m}": v for m, v in uni.items()}}
+  return fused + sum(uni.values()), metrics
 
 
 def zeros_like_outputs(outputs: Any) -> Any:

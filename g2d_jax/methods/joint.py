@@ -6,25 +6,28 @@ from __future__ import annotations
 import ml_collections
 
 from g2d_jax import losses
+from g2d_jax.methods.base import LossFn
 from g2d_jax.methods.base import Method
+from g2d_jax.methods.base import MethodSpec
+from g2d_jax.methods.base import standard_update
 
 
 def default_config() -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict()  # no hyperparameters
 
 
-def supervised_loss(logits, labels, task: str):
-  """Eq. 1: CE on fused logits, or MSE of sigmoid outputs for regression."""
-  if task == "regression":
-    return losses.regression_mse(logits, labels)
-  return losses.cross_entropy(logits, labels)
+def make_loss(config: ml_collections.ConfigDict, task: str) -> LossFn:
+  """L_S (Eq. 1) of the fused logits."""
+  del config
+
+  def loss(outputs, ctx):
+    value = losses.supervised_loss(outputs.logits, ctx.labels, task)
+    return value, {"student": value}
+
+  return loss
 
 
 def build(config: ml_collections.ConfigDict, task: str, **unused) -> Method:
-  del config, unused
-
-  def loss(outputs, batch):
-    value = supervised_loss(outputs.logits, batch["label"], task)
-    return value, {"student": value}
-
-  return Method(name="joint", loss=loss)
+  del unused
+  return Method("joint", standard_update(make_loss(config, task)),
+                MethodSpec(skip_frozen_exact=True))

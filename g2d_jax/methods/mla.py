@@ -65,13 +65,15 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from g2d_jax import gating
 from g2d_jax import losses
 from g2d_jax.errors import ConfigError
 from g2d_jax.methods import common
 from g2d_jax.methods import heads
 from g2d_jax.methods.base import HeadsSpec
 from g2d_jax.methods.base import Method
-from g2d_jax.methods.base import UpdateResult
+from g2d_jax.methods.base import MethodSpec
+from g2d_jax.methods.base import StepResult
 
 Array = jax.Array
 
@@ -143,23 +145,18 @@ def build(config: ml_collections.ConfigDict, task: str, *,
   spec = HeadsSpec("shared", tuple(c.fusion_weights) or None)
   weights = heads.fusion_weights(spec, modalities)
   masks = sub_update_masks(modalities, c.released_zero_grads)
-  spe = steps_per_epoch
+  if not steps_per_epoch:
+    raise ConfigError("MLA needs steps_per_epoch (its alpha_t counts the "
+                      "batches of an epoch); build it with "
+                      "steps_per_epoch=...")
+  spe = int(steps_per_epoch)
 
-  def loss(outputs, batch):
-    uni = {m: losses.cross_entropy(outputs.head_logits[m], batch["label"])
-           for m in modalities}
-    value = sum(w * uni[m] for m, w in zip(modalities, weights))
-    return value, {f"unimodal/{m}": v for m, v in uni.items()}
-
-  def update(forward, params, opt_state, batch, rng, apply):
-    del rng
-    if spe is None:
-      raise ConfigError("MLA needs steps_per_epoch (for alpha_t).")
-    labels = batch["label"]
-    state = batch["method_state"]
-    p, count = state["P"], state["count"]
-    out, vjp_fn, new_bs = jax.vjp(forward, params, has_aux=True)
-    alpha_t = gs_alpha(batch["step"] - batch["epoch"] * spe, spe)
+  def update(ctx):
+    labels = ctx.labels
+    p, count = ctx.method_state["P"], ctx.method_state["count"]
+    params = ctx.params
+    out, vjp_fn, new_bs = jax.vjp(ctx.forward, params, has_aux=True)
+    alpha_t = gs_alpha(ctx.step - ctx.epoch * spe, spe)
     masks_j = [{n: jnp.float32(v) for n, v in mask.items()} for mask in masks]
     zero_grads = jax.tree.map(jnp.zeros_like, params)
 
@@ -174,7 +171,7 @@ def build(config: ml_collections.ConfigDict, task: str, *,
     # earlier sub-steps; the optimizer is element-wise, so running it on a
     # gradient that is zero outside the head gives the head's exact update
     # (the rest of that dry run is discarded).
-    cur_params, cur_opt = params, opt_state
+    cur_params, cur_opt = params, ctx.opt_state
     uni, head_grads, input_grads = {}, [], {}
     for j, m in enumerate(modalities):
       head = cur_params[heads.AUX][heads.SHARED_HEAD]
@@ -191,8 +188,9 @@ def build(config: ml_collections.ConfigDict, task: str, *,
       count = count + 1
       head_grads.append(g_head)
       if j + 1 < len(modalities):
-        cur_params, cur_opt = apply(with_head(zero_grads, g_head),
-                                    cur_params, cur_opt, masks_j[j])
+        cur_params, cur_opt = ctx.apply(with_head(zero_grads, g_head),
+                                        masks_j[j], params=cur_params,
+                                        opt_state=cur_opt)
 
     # 2. Every encoder's gradient from one backward pass: the branches are
     # disjoint, so modality m's leaves only see h_m's cotangent.
@@ -201,18 +199,20 @@ def build(config: ml_collections.ConfigDict, task: str, *,
         head_inputs={**zeros.head_inputs, **input_grads}))
 
     # 3. The sub-updates with their real gradients.
+    opt_state = ctx.opt_state
     for j, m in enumerate(modalities):
       own = jax.tree_util.tree_map_with_path(
           lambda path, g, z, m=m: (
-              g if common.leaf_modality(path, modalities) == m else z),
+              g if gating.leaf_modality(path, modalities) == m else z),
           enc_grads, zero_grads)
-      params, opt_state = apply(with_head(own, head_grads[j]), params,
-                                opt_state, masks_j[j])
+      params, opt_state = ctx.apply(with_head(own, head_grads[j]),
+                                    masks_j[j], params=params,
+                                    opt_state=opt_state)
     value = sum(w * uni[m] for m, w in zip(modalities, weights))
     metrics = {f"unimodal/{m}": v for m, v in uni.items()}
-    return UpdateResult(params, opt_state, new_bs, value, metrics, out,
-                        {"P": p, "count": count})
+    return StepResult(params, opt_state, new_bs, value, metrics, out,
+                      {"P": p, "count": count})
 
-  return Method(name="mla", loss=loss, update=update,
-                updates_per_step=len(modalities), init_state=init_state,
-                heads=spec)
+  return Method("mla", update, MethodSpec(
+      heads=spec, updates_per_step=len(modalities), masked_updates=True),
+                init_state=init_state)

@@ -49,12 +49,15 @@ import jax.numpy as jnp
 import ml_collections
 
 from g2d_jax import confidence
-from g2d_jax import losses
+from g2d_jax import gating
+from g2d_jax import smp
 from g2d_jax.errors import ConfigError
 from g2d_jax.methods import common
 from g2d_jax.methods import heads
 from g2d_jax.methods.base import HeadsSpec
 from g2d_jax.methods.base import Method
+from g2d_jax.methods.base import MethodSpec
+from g2d_jax.methods.base import standard_update
 
 Array = jax.Array
 
@@ -98,9 +101,9 @@ def scale_by_modality(grads, coeffs: Mapping[str, Array],
                       modalities: Sequence[str]):
   """Multiplies every gradient labelled modality m by coeffs[m]."""
   def visit(path, g):
-    m = common.leaf_modality(path, modalities)
+    m = gating.leaf_modality(path, modalities)
     return g if m is None else g * jnp.asarray(coeffs[m], g.dtype)
-  return common.map_with_path(visit, grads)
+  return jax.tree_util.tree_map_with_path(visit, grads)
 
 
 def build(config: ml_collections.ConfigDict, task: str, *,
@@ -114,27 +117,20 @@ def build(config: ml_collections.ConfigDict, task: str, *,
   if c.beta_max < 1:
     raise ConfigError(f"config.mlb.beta_max={c.beta_max} must be >= 1.")
 
-  def loss(outputs, batch):
-    labels = batch["label"]
-    fused = losses.cross_entropy(outputs.logits, labels)
-    uni = {m: losses.cross_entropy(l, labels) for m, l in
-           heads.unimodal_logits(outputs, c.unimodal_heads).items()}
-    metrics = {"student": fused, **{f"unimodal/{m}": v for m, v in
-                                    uni.items()}}
-    return fused + sum(uni.values()), metrics
+  def loss(outputs, ctx):
+    return heads.multi_loss(outputs, ctx.labels, c.unimodal_heads)
 
-  def modulate_grads(grads, outputs, batch, epoch, rng):
-    del rng
+  def modulate_grads(grads, outputs, ctx):
     uni = heads.unimodal_logits(outputs, c.unimodal_heads)
-    order = common.modality_order(uni, modalities)
-    scores = mlb_scores({m: uni[m] for m in order}, batch["label"])
+    order = smp.modality_order(uni, modalities)
+    scores = mlb_scores({m: uni[m] for m in order}, ctx.labels)
     coeffs = mlb_coefficients(scores, c.alpha, c.beta_max)
-    active = common.in_window(epoch, c.start_epoch, c.end_epoch)
+    active = common.in_window(ctx.epoch, c.start_epoch, c.end_epoch)
     coeffs = {m: jnp.where(active, k, 1.0) for m, k in coeffs.items()}
     metrics = {f"mlb/coeff/{m}": coeffs[m] for m in order}
     metrics.update({f"mlb/score/{m}": scores[m] for m in order})
     return scale_by_modality(grads, coeffs, order), metrics
 
   spec = HeadsSpec("unimodal") if c.unimodal_heads == "separate" else None
-  return Method(name="mlb", loss=loss, modulate_grads=modulate_grads,
-                heads=spec)
+  return Method("mlb", standard_update(loss, modulate_grads),
+                MethodSpec(heads=spec))

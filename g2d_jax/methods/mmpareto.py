@@ -43,12 +43,15 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from g2d_jax import losses
+from g2d_jax import gating
+from g2d_jax import smp
 from g2d_jax.errors import ConfigError
 from g2d_jax.methods import common
 from g2d_jax.methods import heads
 from g2d_jax.methods.base import HeadsSpec
 from g2d_jax.methods.base import Method
+from g2d_jax.methods.base import MethodSpec
+from g2d_jax.methods.base import StepResult
 
 Array = jax.Array
 
@@ -116,7 +119,7 @@ def pareto_grads(g_mm, g_uni, modalities: Sequence[str], gamma: float):
     weights[m] = pareto_weights(sel_mm, sel_uni)
 
   def visit(path, a, b):
-    m = common.leaf_modality(path, modalities)
+    m = gating.leaf_modality(path, modalities)
     if m is None or not common.is_encoder_leaf(path, m):
       return a + b
     k_mm, k_uni, _ = weights[m]
@@ -135,33 +138,24 @@ def build(config: ml_collections.ConfigDict, task: str, *,
                       "must be 'separate' or 'fusion'.")
 
   def terms(outputs, labels):
-    fused = losses.cross_entropy(outputs.logits, labels)
-    uni = {m: losses.cross_entropy(l, labels) for m, l in
-           heads.unimodal_logits(outputs, c.unimodal_heads).items()}
-    return fused, uni
+    return heads.multi_loss_terms(outputs, labels, c.unimodal_heads)
 
-  def loss(outputs, batch):
-    fused, uni = terms(outputs, batch["label"])
-    metrics = {"student": fused, **{f"unimodal/{m}": v for m, v in
-                                    uni.items()}}
-    return fused + sum(uni.values()), metrics
-
-  def compute_grads(forward, params, batch, rng):
-    del rng
-    labels = batch["label"]
-    out, vjp_fn, new_bs = jax.vjp(forward, params, has_aux=True)
+  def update(ctx):
+    labels = ctx.labels
+    out, vjp_fn, new_bs = jax.vjp(ctx.forward, ctx.params, has_aux=True)
     ct_mm = jax.grad(lambda o: terms(o, labels)[0])(out)
     ct_uni = jax.grad(lambda o: sum(terms(o, labels)[1].values()))(out)
     (g_mm,), (g_uni,) = vjp_fn(ct_mm), vjp_fn(ct_uni)
-    order = common.modality_order(
+    order = smp.modality_order(
         heads.unimodal_logits(out, c.unimodal_heads), modalities)
     grads, weights = pareto_grads(g_mm, g_uni, order, c.gamma)
-    value, metrics = loss(out, batch)
+    value, metrics = heads.multi_loss(out, labels, c.unimodal_heads)
     for m, (k_mm, _, cos) in weights.items():
       metrics[f"mmpareto/k_mm/{m}"] = k_mm
       metrics[f"mmpareto/cos/{m}"] = cos
-    return value, metrics, out, new_bs, grads
+    params, opt_state = ctx.apply(grads)
+    return StepResult(params, opt_state, new_bs, value, metrics, out,
+                      ctx.method_state)
 
   spec = HeadsSpec("unimodal") if c.unimodal_heads == "separate" else None
-  return Method(name="mmpareto", loss=loss, compute_grads=compute_grads,
-                heads=spec)
+  return Method("mmpareto", update, MethodSpec(heads=spec))

@@ -47,10 +47,13 @@ import ml_collections
 
 import g2d_jax
 from g2d_jax import confidence
+from g2d_jax import gating
+from g2d_jax import smp
 from g2d_jax.errors import ConfigError
 from g2d_jax.methods import common
 from g2d_jax.methods import joint
 from g2d_jax.methods.base import Method
+from g2d_jax.methods.base import standard_update
 
 Array = jax.Array
 SCOPES = ("conv_kernels", "encoder")
@@ -109,7 +112,7 @@ def modulate(grads, coeffs: Mapping[str, Array], *, active: Array,
   selected = []
 
   def visit(path, g):
-    m = common.leaf_modality(path, modalities)
+    m = gating.leaf_modality(path, modalities)
     if m is None or not common.is_encoder_leaf(path, m):
       return g
     if scope == "conv_kernels" and g.ndim != 4:
@@ -127,7 +130,7 @@ def modulate(grads, coeffs: Mapping[str, Array], *, active: Array,
       new = new + noise.astype(g.dtype)
     return jnp.where(active, new, g)
 
-  out = common.map_with_path(visit, grads)
+  out = jax.tree_util.tree_map_with_path(visit, grads)
   missing = [m for m in modalities if m not in selected]
   if missing:
     raise ConfigError(
@@ -162,20 +165,17 @@ def build(config: ml_collections.ConfigDict, task: str, *,
         f"which fusion {fusion!r} does not provide in the released form; "
         f"use --config.model.fusion= one of {OGM_FUSIONS}.")
 
-  def loss(outputs, batch):
-    value = joint.supervised_loss(outputs.logits, batch["label"], task)
-    return value, {"student": value}
-
-  def modulate_grads(grads, outputs, batch, epoch, rng):
-    order = common.modality_order(outputs.modality_logits, modalities)
-    scores = ogm_scores(outputs.modality_logits, batch["label"])
+  def modulate_grads(grads, outputs, ctx):
+    order = smp.modality_order(outputs.modality_logits, modalities)
+    scores = ogm_scores(outputs.modality_logits, ctx.labels)
     coeffs = ogm_coefficients(scores, c.alpha, order)
-    active = common.in_window(epoch, c.start_epoch, c.end_epoch)
-    grads = modulate(grads, coeffs, active=active, modalities=order,
-                     scope=c.scope,
-                     noise_rng=jax.random.fold_in(rng, 0x06E) if ge else None)
+    active = common.in_window(ctx.epoch, c.start_epoch, c.end_epoch)
+    grads = modulate(
+        grads, coeffs, active=active, modalities=order, scope=c.scope,
+        noise_rng=jax.random.fold_in(ctx.rng, 0x06E) if ge else None)
     metrics = {f"{name}/coeff/{m}": jnp.where(active, coeffs[m], 1.0)
                for m in order}
     return grads, metrics
 
-  return Method(name=name, loss=loss, modulate_grads=modulate_grads)
+  return Method(name, standard_update(joint.make_loss(config, task),
+                                      modulate_grads))

@@ -35,7 +35,7 @@ PCE term is a loss, so frozen-branch skipping stays exact.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
@@ -45,7 +45,10 @@ from g2d_jax import confidence
 from g2d_jax import losses
 from g2d_jax.methods import common
 from g2d_jax.methods.base import EpochHook
+from g2d_jax.methods.base import LossFn
 from g2d_jax.methods.base import Method
+from g2d_jax.methods.base import MethodSpec
+from g2d_jax.methods.base import standard_update
 
 Array = jax.Array
 
@@ -110,20 +113,20 @@ def update_prototypes(old: Mapping[str, Array], sums: Mapping[str, Array],
   return new
 
 
-def build(config: ml_collections.ConfigDict, task: str, *,
-          modalities: Sequence[str] | None = None, **unused) -> Method:
-  del unused, modalities
+def make_loss(config: ml_collections.ConfigDict, task: str) -> LossFn:
+  """CE(fused) + alpha * CE(prototype logits) of the weaker modalities,
+  inside the window; the prototypes are the method state."""
   c = config.pmr
   common.require_classification(task, "pmr")
 
-  def loss(outputs, batch):
-    labels = batch["label"]
-    protos = batch["method_state"]
+  def loss(outputs, ctx):
+    labels = ctx.labels
+    protos = ctx.method_state
     fused = losses.cross_entropy(outputs.logits, labels)
     logits = {m: prototype_logits(outputs.features[m], protos[m])
               for m in protos}
     scores = pmr_scores(logits, labels)
-    active = common.in_window(batch["epoch"], c.start_epoch, c.end_epoch)
+    active = common.in_window(ctx.epoch, c.start_epoch, c.end_epoch)
     weights = {m: jnp.where(active, w, 0.0)
                for m, w in pce_weights(scores, c.alpha).items()}
     pce = {m: losses.cross_entropy(l, labels) for m, l in logits.items()}
@@ -133,11 +136,20 @@ def build(config: ml_collections.ConfigDict, task: str, *,
     metrics.update({f"pmr/weight/{m}": v for m, v in weights.items()})
     return value, metrics
 
-  def init_state(params, outputs):
-    del params
-    num_classes = outputs.logits.shape[-1]
-    return {m: jnp.zeros((num_classes, f.shape[-1]), jnp.float32)
-            for m, f in outputs.features.items()}
+  return loss
+
+
+def init_state(params, outputs) -> dict[str, Array]:
+  """Zero prototypes [C, D_m] per modality."""
+  del params
+  num_classes = outputs.logits.shape[-1]
+  return {m: jnp.zeros((num_classes, f.shape[-1]), jnp.float32)
+          for m, f in outputs.features.items()}
+
+
+def build(config: ml_collections.ConfigDict, task: str, **unused) -> Method:
+  del unused
+  c = config.pmr
 
   def accumulate(outputs, batch):
     return class_sums(outputs.features, batch["label"],
@@ -146,5 +158,6 @@ def build(config: ml_collections.ConfigDict, task: str, *,
   def finish(state, sums, epoch):
     return update_prototypes(state, sums, epoch, c.momentum)
 
-  return Method(name="pmr", loss=loss, init_state=init_state,
+  return Method("pmr", standard_update(make_loss(config, task)),
+                MethodSpec(skip_frozen_exact=True), init_state=init_state,
                 epoch_hook=EpochHook(c.fraction, accumulate, finish))

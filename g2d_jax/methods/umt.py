@@ -17,7 +17,10 @@ from __future__ import annotations
 import ml_collections
 
 from g2d_jax import losses
+from g2d_jax.methods.base import LossFn
 from g2d_jax.methods.base import Method
+from g2d_jax.methods.base import MethodSpec
+from g2d_jax.methods.base import standard_update
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -29,17 +32,23 @@ def default_config() -> ml_collections.ConfigDict:
   ))
 
 
-def build(config: ml_collections.ConfigDict, task: str, **unused) -> Method:
-  del unused
+def make_loss(config: ml_collections.ConfigDict, task: str) -> LossFn:
+  """L_S + alpha * sum_m MSE(f_s^m, f_t^m)."""
   c = config.umt
 
-  def loss(outputs, batch):
+  def loss(outputs, ctx):
     value, parts = losses.g2d_loss(
-        outputs.logits, outputs.features, None, batch["teacher"]["features"],
-        batch["label"], alpha=c.alpha, task=task,
+        outputs.logits, outputs.features, None,
+        ctx.batch["teacher"]["features"], ctx.labels, alpha=c.alpha, task=task,
         feature_reduction=c.feature_reduction)
     metrics = {"student": parts["student"]}
     metrics.update({f"feature/{m}": v for m, v in parts["feature"].items()})
     return value, metrics
 
-  return Method(name="umt", loss=loss, teacher_outputs=frozenset({"features"}))
+  return loss
+
+
+def build(config: ml_collections.ConfigDict, task: str, **unused) -> Method:
+  del unused
+  return Method("umt", standard_update(make_loss(config, task)), MethodSpec(
+      teacher_outputs=frozenset({"features"}), skip_frozen_exact=True))

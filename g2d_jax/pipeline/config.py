@@ -123,9 +123,15 @@ def validate(config: ml_collections.ConfigDict, num_devices: int,
         f"config.eval.batch_size={config.eval.batch_size} is not divisible "
         f"by the {num_devices} devices; use a multiple of {num_devices}.")
   g = config.gating
-  if config.method == "ume" and config.smp:
-    raise ConfigError("config.method='ume' trains no student, so SMP has "
-                      "nothing to gate; drop --config.smp=True.")
+  if methods.trains_nothing(config.method):
+    if config.smp:
+      raise ConfigError(f"config.method={config.method!r} trains no student, "
+                        "so SMP has nothing to gate; drop --config.smp=True.")
+    if tuple(config.eval.missing_rates):
+      raise ConfigError(
+          f"config.eval.missing_rates: method {config.method!r} has no "
+          "trained student to evaluate with missing modalities; leave "
+          "missing_rates empty.")
   if methods.smp_enabled(config):
     taus = tuple(g.taus)
     if len(taus) != len(modalities) - 1:

@@ -17,16 +17,16 @@ import numpy as np
 import optax
 
 import g2d_jax
+from g2d_jax import artifacts
 from g2d_jax import losses
 from g2d_jax import methods
 from g2d_jax import regression_metrics
 from g2d_jax.data.base import MultimodalDataset
-from g2d_jax.errors import CacheMismatchError
 from g2d_jax.errors import ConfigError
-from g2d_jax.pipeline import common
+from g2d_jax.pipeline import ensemble
 from g2d_jax.pipeline import loader
 from g2d_jax.pipeline import mesh as mesh_lib
-from g2d_jax.pipeline import metrics as metrics_lib
+from g2d_jax.pipeline import scoring
 from g2d_jax.pipeline import steps
 from g2d_jax.pipeline import student as student_lib
 from g2d_jax.pipeline import teachers as teachers_lib
@@ -90,9 +90,9 @@ def missing_modality_scores(config: ml_collections.ConfigDict,
   for rate in config.eval.missing_rates:
     present = missing_modality_pattern(len(test), dataset.modalities,
                                        float(rate), config.eval.missing_seed)
-    res = common.evaluate_split(eval_step, params, batch_stats, test,
-                                config.eval.batch_size, mesh, dataset.task,
-                                present=present)
+    res = scoring.evaluate_split(eval_step, params, batch_stats, test,
+                                 config.eval.batch_size, mesh,
+                                 present=present)
     out[f"{float(rate):g}"] = {
         f"test_{kind}": res[f"{kind}/fused"],
         "modality_present": {m: float(np.mean(v)) for m, v in
@@ -152,10 +152,12 @@ def run(config: ml_collections.ConfigDict, dataset: MultimodalDataset,
         workdir: str, mesh: jax.sharding.Mesh) -> dict[str, Any]:
   """Evaluates on the test split and writes `<workdir>/summary.json`.
 
-  Classification summaries also carry the expected calibration error (15
-  equal-width bins; `g2d_jax.calibration`) of every reported predictor:
-  `student.test_ece`, `student.modality_test_ece`, `teachers.<m>.test_ece`.
-  UME (`config.method="ume"`) reports the teachers' ensemble as its student.
+  The summary holds every teacher, the teachers' ensemble (UME,
+  `teacher_ensemble`) and the student trained by `config.method` (none
+  when the method is `ume` itself). Classification summaries also carry the
+  expected calibration error (15 equal-width bins; `g2d_jax.calibration`)
+  of every reported predictor: `student.test_ece`,
+  `student.modality_test_ece`, `teachers.<m>.test_ece`.
   """
   test = dataset.splits["test"]
   kind = _metric(dataset.task)
@@ -165,10 +167,9 @@ def run(config: ml_collections.ConfigDict, dataset: MultimodalDataset,
   for m in dataset.modalities:
     model, weights = teachers_lib.load_teacher(config, dataset, workdir, m,
                                                mesh)
-    res = common.evaluate_split(steps.make_eval_step(model, dataset.task),
-                                weights["params"], weights["batch_stats"],
-                                test, config.eval.batch_size, mesh,
-                                dataset.task)
+    res = scoring.evaluate_split(scoring.make_eval_step(model, dataset.task),
+                                 weights["params"], weights["batch_stats"],
+                                 test, config.eval.batch_size, mesh)
     summary["teachers"][m] = {f"test_{kind}": res[f"{kind}/fused"]}
     if _ece(res, "fused") is not None:
       summary["teachers"][m]["test_ece"] = _ece(res, "fused")
@@ -179,22 +180,36 @@ def run(config: ml_collections.ConfigDict, dataset: MultimodalDataset,
           model, weights["params"], weights["batch_stats"], dataset,
           config.eval.batch_size, mesh)["fused"]
     logging.info("teacher/%s test %s %.4f", m, kind, res[f"{kind}/fused"])
+  summary["teacher_ensemble"] = ensemble.report(config, dataset, workdir,
+                                                mesh)
+  logging.info("teacher ensemble (UME) test %s %.4f", kind,
+               summary["teacher_ensemble"][f"test_{kind}"])
+  if not methods.trains_nothing(config.method):
+    summary["student"] = student_summary(config, dataset, workdir, mesh,
+                                         summary["teachers"])
+  summary["data_fingerprint"] = dataset.fingerprint
+  summary["config"] = artifacts.plain(config)
+  summary["versions"] = versions()
+  artifacts.write_json(summary_path(workdir, config), summary)
+  return summary
 
-  method = student_lib.build_method(config, dataset)
-  if method.trains_student:
-    model, weights, meta = student_lib.load_student(config, dataset, workdir,
+
+def student_summary(config: ml_collections.ConfigDict,
+                    dataset: MultimodalDataset, workdir: str,
+                    mesh: jax.sharding.Mesh,
+                    teachers: dict[str, Any]) -> dict[str, Any]:
+  """Test scores of the trained student (`summary["student"]`)."""
+  test = dataset.splits["test"]
+  kind = _metric(dataset.task)
+  student, weights, meta = student_lib.load_student(config, dataset, workdir,
                                                     mesh)
-    eval_step = steps.make_eval_step(model, dataset.task)
-    params, batch_stats = weights["params"], weights["batch_stats"]
-  else:
-    eval_step, params, batch_stats = student_lib.ensemble(config, dataset,
-                                                          workdir, mesh)
-    meta = _ensemble_meta(config, workdir)
+  eval_step = scoring.make_eval_step(student.model, dataset.task)
+  params, batch_stats = weights["params"], weights["batch_stats"]
   diag = student_lib.diagnostics_cache(config, dataset, workdir)
-  res = common.evaluate_split(eval_step, params, batch_stats, test,
-                              config.eval.batch_size, mesh, dataset.task,
-                              teacher=diag["test"] if diag else None)
-  summary["student"] = {
+  res = scoring.evaluate_split(eval_step, params, batch_stats, test,
+                               config.eval.batch_size, mesh,
+                               teacher=diag["test"] if diag else None)
+  out = {
       f"test_{kind}": res[f"{kind}/fused"],
       f"modality_test_{kind}": {m: res[f"{kind}/modality/{m}"]
                                 for m in dataset.modalities},
@@ -202,58 +217,36 @@ def run(config: ml_collections.ConfigDict, dataset: MultimodalDataset,
       "val": meta["val"],
       "method": config.method, "smp": methods.smp_enabled(config)}
   if any(k.startswith(f"{kind}/aux/") for k in res):
-    summary["student"][f"aux_head_test_{kind}"] = {
+    out[f"aux_head_test_{kind}"] = {
         m: res[f"{kind}/aux/{m}"] for m in dataset.modalities}
   if _ece(res, "fused") is not None:
-    summary["student"]["test_ece"] = _ece(res, "fused")
-    summary["student"]["modality_test_ece"] = {
+    out["test_ece"] = _ece(res, "fused")
+    out["modality_test_ece"] = {
         m: _ece(res, f"modality/{m}") for m in dataset.modalities}
     # Paper Fig. 6: a modality's confidence inside the student relative to
     # its teacher's (1 = as confident as alone).
-    summary["student"]["modality_test_true_class_prob"] = {
+    out["modality_test_true_class_prob"] = {
         m: res[f"true_class_prob/modality/{m}"] for m in dataset.modalities}
-    summary["student"]["modality_confidence_ratio"] = {
+    out["modality_confidence_ratio"] = {
         m: res[f"true_class_prob/modality/{m}"]
-        / max(summary["teachers"][m]["test_true_class_prob"], 1e-12)
+        / max(teachers[m]["test_true_class_prob"], 1e-12)
         for m in dataset.modalities}
   if any(f"cosine/{m}" in res for m in dataset.modalities):
     # Paper Fig. 5: cosine of the student's and the teacher's features.
-    summary["student"]["test_feature_cosine"] = {
+    out["test_feature_cosine"] = {
         m: res[f"cosine/{m}"] for m in dataset.modalities
         if f"cosine/{m}" in res}
   logging.info("student test %s %.4f, per modality %s%s", kind,
-               res[f"{kind}/fused"],
-               summary["student"][f"modality_test_{kind}"],
+               res[f"{kind}/fused"], out[f"modality_test_{kind}"],
                f", ECE {res['ece/fused']:.4f}" if "ece/fused" in res else "")
-  if dataset.task == "regression" and method.trains_student:
-    reg = regression_scores(model, params, batch_stats, dataset,
+  if dataset.task == "regression":
+    reg = regression_scores(student.model, params, batch_stats, dataset,
                             config.eval.batch_size, mesh)
-    summary["student"]["test_regression"] = reg["fused"]
-    summary["student"]["modality_test_regression"] = {
+    out["test_regression"] = reg["fused"]
+    out["modality_test_regression"] = {
         m: reg[f"modality/{m}"] for m in dataset.modalities}
     logging.info("student test regression %s", reg["fused"])
   if config.eval.missing_rates:
-    if not method.trains_student:
-      raise ConfigError(
-          f"config.eval.missing_rates: method {config.method!r} has no "
-          "trained student to evaluate with missing modalities; leave "
-          "missing_rates empty.")
-    summary["student"]["missing_modality"] = missing_modality_scores(
+    out["missing_modality"] = missing_modality_scores(
         config, dataset, eval_step, params, batch_stats, mesh)
-  summary["data_fingerprint"] = dataset.fingerprint
-  summary["config"] = common.to_dict(config)
-  summary["versions"] = versions()
-  metrics_lib.write_json(summary_path(workdir, config), summary)
-  return summary
-
-
-def _ensemble_meta(config: ml_collections.ConfigDict,
-                   workdir: str) -> dict[str, Any]:
-  """{"epoch", "val"} of a method without a trained student (UME)."""
-  directory = student_lib.student_dir(workdir, config)
-  path = os.path.join(directory, common.DONE)
-  if not os.path.exists(path):
-    raise CacheMismatchError(
-        f"no student record in {directory}; run --mode=student (or "
-        "--mode=all) first.")
-  return metrics_lib.read_json(path)["best"]
+  return out

@@ -1,4 +1,5 @@
-"""grain input pipelines: shuffled training batches and padded eval batches.
+"""grain input pipelines: shuffled training batches, padded eval batches, and
+the SMP gate that the pipeline computes per batch next to the data.
 
 Each batch is a dict of host NumPy arrays:
   {"index": [B], "label": [B], "inputs": {m: [B, ...] float32},
@@ -14,13 +15,20 @@ slicing the epoch's batch sequence: no iterator state to save.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import grain
+import jax
+import jax.numpy as jnp
+import ml_collections
 import numpy as np
 
+import g2d_jax
+from g2d_jax import methods as methods_lib
 from g2d_jax.data.base import Split
+
+Array = jax.Array
 
 # A background thread assembles the next batches while the device computes.
 _READ = grain.ReadOptions(num_threads=2, prefetch_buffer_size=4)
@@ -101,3 +109,61 @@ def eval_batches(split: Split, batch_size: int, *,
 
   ds = grain.MapDataset.range(0, n, batch_size).map(padded)
   return iter(ds.to_iter_dataset(_READ))
+
+
+ALL = -1  # pattern: every modality trains (or a fractional gate)
+
+
+class GateSpec:
+  """SMP gating of the student, computed per batch next to the data.
+
+  The gate depends only on the batch's cached teacher logits, its labels and
+  the epoch, so the input pipeline computes it (with the core functions
+  `teacher_confidence`, `smp_kappa`, `partial_kappa`, jitted on the host CPU
+  device) before the step runs. The step receives kappa as a traced
+  argument, and the host also knows the gating *pattern* (which single
+  modality trains, or all), which lets it run a step specialised to that
+  pattern: the frozen branches' backward passes are never computed.
+  """
+
+  def __init__(self, config: ml_collections.ConfigDict,
+               modalities: Sequence[str], task: str):
+    g = config.gating
+    self.enabled = methods_lib.smp_enabled(config)
+    self.modalities = tuple(modalities)
+    self.taus = tuple(int(t) for t in g.taus)
+    self.semantics = g.semantics
+    self.partial = g.suppression == "partial"
+    self.strength = float(g.partial_strength)
+    self.task = task
+    # Skipping a frozen branch's backward is exact only for 0/1 gates.
+    self.skip_frozen = (self.enabled and bool(g.skip_frozen_backward)
+                        and not self.partial)
+    self._device = jax.devices("cpu")[0]
+    self._compute = jax.jit(self.kappa)
+
+  def kappa(self, teacher_logits: Mapping[str, Array], labels: Array,
+            epoch: Array) -> tuple[dict[str, Array], dict[str, Array]]:
+    """(kappa, teacher confidence) of a batch: Eq. 5-7 (or Table 6)."""
+    rho = g2d_jax.teacher_confidence(teacher_logits, labels, task=self.task)
+    if self.partial:
+      part = g2d_jax.partial_kappa(rho, self.strength, self.modalities)
+      active = g2d_jax.smp_active(epoch, self.taus)
+      kappa = {m: jnp.where(active, part[m], 1.0) for m in self.modalities}
+    else:
+      kappa = g2d_jax.smp_kappa(rho, epoch, self.taus, self.modalities)
+    return kappa, rho
+
+  def for_batch(self, batch: Mapping[str, Any], epoch: int) -> dict[str, Any]:
+    """{"kappa", "confidence", "pattern"} of a host batch (host values)."""
+    if not self.enabled:
+      return {"kappa": {m: np.float32(1.0) for m in self.modalities},
+              "confidence": {}, "pattern": ALL}
+    args = jax.device_put((batch["teacher"]["logits"], batch["label"],
+                           np.int32(epoch)), self._device)
+    kappa, rho = jax.device_get(self._compute(*args))
+    k = [float(kappa[m]) for m in self.modalities]
+    pattern = ALL
+    if self.skip_frozen and sorted(k) == [0.0] * (len(k) - 1) + [1.0]:
+      pattern = k.index(1.0)
+    return {"kappa": kappa, "confidence": rho, "pattern": pattern}

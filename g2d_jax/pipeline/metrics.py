@@ -1,169 +1,154 @@
-"""Metrics as JSON lines, a progress line with steps/s and ETA, and plots."""
+"""Metric sums as a typed pytree, accumulated over batches and summarised.
+
+Steps (training and evaluation) return additive sums over their batch, with
+one fixed layout, so that adding batches and summarising them are tree maps:
+
+    {"count": n,                              # samples (unmasked)
+     "correct": heads,                        # classification: right answers
+     "abs_err": heads,                        # regression: sum |y_hat - y|
+     "true_class_prob": heads,                # sum of p(true class)
+     "ece_bins": {head: {"correct": [M], "conf": [M]}},
+     "cosine": {m: sum},                      # student-teacher feature cosine
+     "scalars": {name: value}}                # per-step values (training)
+
+where `heads` = {"fused": x, "modality": {m: x}, "aux": {m: x}} (the fused
+output, each modality's own logits inside the model, a method's extra
+heads). Every entry but `count` is optional. `summarize` turns the sums into
+rates named by their path, as the metrics files and summaries show them:
+`accuracy/fused`, `accuracy/modality/audio`, `mae/fused`,
+`true_class_prob/aux/image`, `ece/fused`, `cosine/audio`, and the scalars
+averaged over the steps (`loss`, `kappa/audio`, ...).
+"""
 
 from __future__ import annotations
 
-import json
-import math
-import os
-import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
-from absl import logging
+import jax
+import jax.numpy as jnp
 import numpy as np
 
+from g2d_jax import calibration
+from g2d_jax import losses
 
-def _jsonable(v: Any) -> Any:
-  if isinstance(v, Mapping):
-    return {str(k): _jsonable(x) for k, x in v.items()}
-  if isinstance(v, (list, tuple)):
-    return [_jsonable(x) for x in v]
-  if isinstance(v, (np.generic, np.ndarray)):
-    return _jsonable(v.tolist())
-  if isinstance(v, float) and not math.isfinite(v):
-    return str(v)
-  return v
+Array = jax.Array
+Sums = dict[str, Any]
+
+# sum name -> the rate it becomes (divided by the sample count).
+PER_SAMPLE = {"correct": "accuracy", "abs_err": "mae",
+              "true_class_prob": "true_class_prob", "cosine": "cosine"}
 
 
-def write_json(path: str, obj: Any) -> None:
-  """Writes JSON atomically (temp file, then rename)."""
-  tmp = f"{path}.tmp-{os.getpid()}"
-  with open(tmp, "w") as f:
-    json.dump(_jsonable(obj), f, indent=2, sort_keys=True)
-    f.write("\n")
-  os.replace(tmp, path)
+def head_logits(outputs: Any) -> dict[str, Any]:
+  """The heads a model's outputs offer, in the `heads` layout."""
+  heads = {"fused": outputs.logits, "modality": dict(outputs.modality_logits)}
+  # A method's own unimodal heads (MLB, MMPareto): what their released code
+  # reports as the modalities' accuracy.
+  extra = getattr(outputs, "head_logits", None)
+  if extra:
+    heads["aux"] = dict(extra)
+  return heads
 
 
-def read_json(path: str) -> Any:
-  with open(path) as f:
-    return json.load(f)
+def prediction_sums(outputs: Any, labels: Array, task: str,
+                    mask: Array | None = None,
+                    calibration_bins: int = 0) -> Sums:
+  """Sums of one batch's predictions (jittable).
+
+  Args:
+    outputs: model outputs (`logits`, `modality_logits`, maybe
+      `head_logits`).
+    labels: [B] classes or targets.
+    task: "classification" or "regression".
+    mask: [B] 0/1 weights (padded evaluation batches); None counts all.
+    calibration_bins: M > 0 also sums each head's true-class probability and
+      its M-bin calibration sums (classification).
+  """
+  w = (jnp.ones(labels.shape, jnp.float32) if mask is None
+       else mask.astype(jnp.float32))
+  heads = head_logits(outputs)
+  sums: Sums = {"count": jnp.sum(w)}
+  if task == "regression":
+    sums["abs_err"] = jax.tree.map(lambda l: jnp.sum(
+        w * jnp.abs(losses.regression_prediction(l) - labels)), heads)
+    return sums
+  sums["correct"] = jax.tree.map(
+      lambda l: jnp.sum(w * (jnp.argmax(l, -1) == labels)), heads)
+  if calibration_bins:
+    # Eq. 5's confidence of each head, for the paper's confidence-ratio
+    # analysis (Fig. 6).
+    def true_class_prob(l):
+      p = jnp.take_along_axis(jax.nn.softmax(l.astype(jnp.float32), -1),
+                              labels[:, None].astype(jnp.int32), -1)[:, 0]
+      return jnp.sum(w * p)
+
+    def bins(l):
+      _, correct_M, conf_M = calibration.calibration_bins(
+          l, labels, calibration_bins, mask_B=w)
+      return {"correct": correct_M, "conf": conf_M}
+
+    sums["true_class_prob"] = jax.tree.map(true_class_prob, heads)
+    sums["ece_bins"] = jax.tree.map(bins, heads)
+  return sums
 
 
-class JsonlWriter:
-  """Appends one JSON object per line; `truncate_after` supports resuming."""
-
-  def __init__(self, path: str):
-    self.path = path
-
-  def write(self, record: Mapping[str, Any]) -> None:
-    with open(self.path, "a") as f:
-      f.write(json.dumps(_jsonable(record), sort_keys=True) + "\n")
-
-  def read(self) -> list[dict[str, Any]]:
-    if not os.path.exists(self.path):
-      return []
-    with open(self.path) as f:
-      return [json.loads(line) for line in f if line.strip()]
-
-  def truncate_after(self, key: str, value: float) -> None:
-    """Drops records with record[key] > value (written after a checkpoint)."""
-    records = [r for r in self.read() if r.get(key, -1) <= value]
-    tmp = f"{self.path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-      for r in records:
-        f.write(json.dumps(r, sort_keys=True) + "\n")
-    os.replace(tmp, self.path)
+def to_host(sums: Sums) -> Sums:
+  """Device sums as float64 NumPy values (the host accumulates in float64)."""
+  return jax.tree.map(lambda x: np.asarray(x, np.float64), jax.device_get(sums))
 
 
-class Progress:
-  """Logs `step i/n, steps/s, ETA` every `every` steps (and at the end)."""
-
-  def __init__(self, name: str, total_steps: int, done_steps: int = 0,
-               every: int = 100):
-    self.name, self.total, self.every = name, total_steps, max(1, every)
-    self.done = done_steps
-    self._t0, self._n0 = time.perf_counter(), done_steps
-
-  def update(self, step: int, extra: str = "") -> None:
-    self.done = step
-    if step % self.every and step != self.total:
-      return
-    dt = time.perf_counter() - self._t0
-    rate = (step - self._n0) / dt if dt > 0 else float("nan")
-    eta = (self.total - step) / rate if rate > 0 else float("nan")
-    logging.info("%s step %d/%d (%.1f%%) %.2f steps/s ETA %s %s", self.name,
-                 step, self.total, 100.0 * step / max(1, self.total), rate,
-                 format_seconds(eta), extra)
+def add(total: Sums | None, sums: Sums) -> Sums:
+  """`total + sums`, leaf by leaf (host, float64); `total` None starts."""
+  sums = to_host(sums)
+  if total is None:
+    return sums
+  return jax.tree.map(np.add, total, sums)
 
 
-def format_seconds(s: float) -> str:
-  if not math.isfinite(s):
-    return "?"
-  s = int(round(s))
-  return f"{s // 3600:d}:{s % 3600 // 60:02d}:{s % 60:02d}"
+def from_json(tree: Any) -> Any:
+  """Sums as read back from JSON (a checkpoint's metadata): lists become
+  arrays again."""
+  if isinstance(tree, Mapping):
+    return {k: from_json(v) for k, v in tree.items()}
+  return np.asarray(tree, np.float64)
 
 
-def mean_metrics(step_metrics: Iterable[Mapping[str, Any]]) -> dict[str, float]:
-  """Averages per-step scalars; turns `correct/...` counts into accuracies."""
-  step_metrics = list(step_metrics)
-  if not step_metrics:
-    return {}
-  keys = step_metrics[0].keys()
-  sums = {k: float(np.sum([np.asarray(m[k], np.float64) for m in step_metrics]))
-          for k in keys}
-  return summarize_counts(sums, len(step_metrics))
-
-
-def summarize_counts(sums: Mapping[str, float], steps: int) -> dict[str, float]:
-  """Turns summed per-batch values into rates: `correct/<head>` counts into
-  `accuracy/<head>`, `abs_err/<head>` into `mae/<head>`, other per-sample
-  sums `psum/<name>` into means `<name>`, the per-bin sums
-  `ece_bins/<head>/{correct,conf}/<b>` into the expected calibration error
-  `ece/<head>` (see `g2d_jax.calibration`); anything else is a per-step
-  scalar averaged over `steps`."""
+def _flat(tree: Any, prefix: str) -> dict[str, Any]:
+  """{"<prefix>/<path>": leaf} of a nested dict."""
+  if not isinstance(tree, Mapping):
+    return {prefix: tree}
   out = {}
-  count = sums.get("count", 0.0)
-  gaps: dict[str, dict[str, dict[str, float]]] = {}
-  for k, v in sums.items():
-    if k == "count":
-      continue
-    if k.startswith("ece_bins/"):
-      head, stat, b = k[len("ece_bins/"):].rsplit("/", 2)
-      gaps.setdefault(head, {}).setdefault(b, {})[stat] = v
-    elif k.startswith("correct/"):
-      out["accuracy/" + k[len("correct/"):]] = v / count if count else 0.0
-    elif k.startswith("abs_err/"):
-      out["mae/" + k[len("abs_err/"):]] = v / count if count else 0.0
-    elif k.startswith("psum/"):
-      out[k[len("psum/"):]] = v / count if count else 0.0
-    else:
-      out[k] = v / steps
-  for head, bins in gaps.items():
-    gap = sum(abs(b.get("correct", 0.0) - b.get("conf", 0.0))
-              for b in bins.values())
-    out["ece/" + head] = gap / count if count else 0.0
+  for k, v in tree.items():
+    out.update(_flat(v, f"{prefix}/{k}" if prefix else str(k)))
   return out
 
 
-def plot_curves(records: list[Mapping[str, Any]], path: str, title: str,
-                groups: Mapping[str, str]) -> str | None:
-  """One PNG with a panel per metric prefix in `groups` ({prefix: ylabel}).
+def summarize(sums: Sums | None, steps: int = 1) -> dict[str, float]:
+  """Rates named by path (see the module docstring); scalars are averaged
+  over `steps`."""
+  if not sums:
+    return {}
+  count = float(sums.get("count", 0.0))
+  out: dict[str, float] = {}
+  for key, name in PER_SAMPLE.items():
+    for path, v in _flat(sums.get(key, {}), name).items():
+      out[path] = float(v) / count if count else 0.0
+  for head, b in _flat_bins(sums.get("ece_bins", {})).items():
+    # Summed in bin order, one bin at a time (reproducible to the last bit).
+    gap = sum(abs(c - f) for c, f in zip(np.asarray(b["correct"]).tolist(),
+                                         np.asarray(b["conf"]).tolist()))
+    out[f"ece/{head}"] = gap / count if count else 0.0
+  for name, v in sums.get("scalars", {}).items():
+    out[name] = float(v) / max(1, steps)
+  return out
 
-  Each panel draws every record key starting with the prefix against epoch.
-  """
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  panels = [(p, y) for p, y in groups.items()
-            if any(k.startswith(p) for r in records for k in r)]
-  if not panels:
-    return None
-  fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6),
-                           squeeze=False)
-  for ax, (prefix, ylabel) in zip(axes[0], panels):
-    keys = sorted({k for r in records for k in r if k.startswith(prefix)})
-    for k in keys:
-      pts = [(r["epoch"], r[k]) for r in records if k in r]
-      ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=".",
-              label=k[len(prefix):].strip("/") or k)
-    ax.set_xlabel("epoch")
-    ax.set_ylabel(ylabel)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-  fig.suptitle(title)
-  fig.tight_layout()
-  tmp = path + ".tmp.png"
-  fig.savefig(tmp, dpi=110)
-  plt.close(fig)
-  os.replace(tmp, path)
-  return path
+
+def _flat_bins(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+  """{head path: {"correct", "conf"}} of the nested `ece_bins` entry."""
+  if "correct" in tree and "conf" in tree:
+    return {prefix: tree}
+  out = {}
+  for k, v in tree.items():
+    out.update(_flat_bins(v, f"{prefix}/{k}" if prefix else str(k)))
+  return out

@@ -27,12 +27,12 @@ import jax
 import ml_collections
 import numpy as np
 
+from g2d_jax import artifacts
 from g2d_jax.data.base import MultimodalDataset
 from g2d_jax.errors import CacheMismatchError
-from g2d_jax.pipeline import common
+from g2d_jax.pipeline import build
 from g2d_jax.pipeline import loader
 from g2d_jax.pipeline import mesh as mesh_lib
-from g2d_jax.pipeline import metrics as metrics_lib
 from g2d_jax.pipeline import steps
 from g2d_jax.pipeline import teachers as teachers_lib
 
@@ -47,7 +47,7 @@ def cache_dir(workdir: str) -> str:
 def expected_manifest(dataset: MultimodalDataset,
                       teacher_digests: dict[str, str]) -> dict[str, Any]:
   """What a cache for this data and these teachers must declare."""
-  return common.to_dict({
+  return artifacts.plain({
       "format": FORMAT, "data": dataset.fingerprint,
       "teachers": dict(sorted(teacher_digests.items())),
       "splits": {s: len(dataset.splits[s]) for s in dataset.splits}})
@@ -83,7 +83,7 @@ def run(config: ml_collections.ConfigDict, dataset: MultimodalDataset,
   final = cache_dir(workdir)
   manifest_path = os.path.join(final, "manifest.json")
   if os.path.exists(manifest_path):
-    have = metrics_lib.read_json(manifest_path)
+    have = artifacts.read_json(manifest_path)
     if {k: have.get(k) for k in want} == want:
       logging.info("teacher cache at %s matches; skipping", final)
       return have
@@ -102,7 +102,7 @@ def run(config: ml_collections.ConfigDict, dataset: MultimodalDataset,
             lambda w, x: steps.apply_model(model, w["params"],
                                            w["batch_stats"], x,
                                            train=False)[0],
-            weights, common.example_inputs(split, 1))
+            weights, build.example_inputs(split, 1))
         dims = {"features": probe.features[m].shape[-1],
                 "logits": int(np.prod(probe.logits.shape[1:]))}
         arrays = {
@@ -119,7 +119,7 @@ def run(config: ml_collections.ConfigDict, dataset: MultimodalDataset,
         shapes[f"{split_name}/{m}"] = {k: [len(split), dims[k]] for k in KEYS}
     manifest = dict(want, shapes=shapes, dtype="float32",
                     devices=len(mesh.devices.flat))
-    metrics_lib.write_json(os.path.join(tmp, "manifest.json"), manifest)
+    artifacts.write_json(os.path.join(tmp, "manifest.json"), manifest)
     if os.path.exists(final):
       shutil.rmtree(final)
     os.replace(tmp, final)
@@ -140,9 +140,9 @@ def load_cache(workdir: str, dataset: MultimodalDataset,
     raise CacheMismatchError(
         f"no teacher cache at {final}; run --mode=precompute (or --mode=all) "
         "first.")
-  have = metrics_lib.read_json(path)
+  have = artifacts.read_json(path)
   checks = {"format": FORMAT,
-            "data": common.to_dict(dataset.fingerprint),
+            "data": artifacts.plain(dataset.fingerprint),
             "splits": {s: len(dataset.splits[s]) for s in dataset.splits}}
   if teacher_digests is not None:
     checks["teachers"] = dict(sorted(teacher_digests.items()))

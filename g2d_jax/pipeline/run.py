@@ -9,13 +9,13 @@ from typing import Any
 from absl import logging
 import ml_collections
 
+from g2d_jax import artifacts
 from g2d_jax import data
+from g2d_jax import methods
 from g2d_jax.errors import ConfigError
-from g2d_jax.pipeline import common
 from g2d_jax.pipeline import config as config_lib
 from g2d_jax.pipeline import evaluate
 from g2d_jax.pipeline import mesh as mesh_lib
-from g2d_jax.pipeline import metrics as metrics_lib
 from g2d_jax.pipeline import precompute
 from g2d_jax.pipeline import student
 from g2d_jax.pipeline import teachers
@@ -43,8 +43,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, mode: str = "all",
   dataset = data.load_dataset(config.data)
   config_lib.validate(config, mesh.devices.size, tuple(dataset.modalities))
   os.makedirs(workdir, exist_ok=True)
-  metrics_lib.write_json(os.path.join(workdir, "config.json"),
-                         common.to_dict(config))
+  artifacts.write_json(os.path.join(workdir, "config.json"),
+                       artifacts.plain(config))
   logging.info("dataset %s: %s, %s; %d device(s)", dataset.name,
                {s: len(v) for s, v in dataset.splits.items()},
                dataset.modalities, mesh.devices.size)
@@ -56,6 +56,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, mode: str = "all",
       "eval": lambda: evaluate.run(config, dataset, workdir, mesh),
   }
   order = list(stages) if mode == "all" else [mode]
+  if mode == "all" and methods.trains_nothing(config.method):
+    # UME is the teachers' ensemble: nothing to cache or train.
+    order = ["teachers", "eval"]
   results = {}
   for name in order:
     t0 = time.perf_counter()

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
+from collections.abc import Callable
 from typing import Any
 
 from absl import logging
@@ -11,21 +13,24 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 
 import g2d_jax
+from g2d_jax import artifacts
 from g2d_jax import methods
-from g2d_jax import models
 from g2d_jax.data.base import MultimodalDataset
 from g2d_jax.errors import CacheMismatchError
 from g2d_jax.errors import ConfigError
+from g2d_jax.errors import TrainingError
 from g2d_jax.methods import heads as method_heads
-from g2d_jax.methods import ume
+from g2d_jax.pipeline import build
 from g2d_jax.pipeline import checkpoint
-from g2d_jax.pipeline import common
 from g2d_jax.pipeline import loader
+from g2d_jax.pipeline import logs
 from g2d_jax.pipeline import mesh as mesh_lib
-from g2d_jax.pipeline import metrics as metrics_lib
 from g2d_jax.pipeline import precompute
+from g2d_jax.pipeline import records
+from g2d_jax.pipeline import scoring
 from g2d_jax.pipeline import steps
 from g2d_jax.pipeline import teachers as teachers_lib
 from g2d_jax.pipeline import trainer
@@ -36,54 +41,79 @@ def student_dir(workdir: str, config: ml_collections.ConfigDict) -> str:
   return os.path.join(workdir, name)
 
 
-def needed_teacher_outputs(config: ml_collections.ConfigDict,
-                           method: methods.Method) -> frozenset[str]:
-  keys = set(method.teacher_outputs)
-  if methods.smp_enabled(config) and method.trains_student:
-    keys.add("logits")  # teacher confidence drives the SMP gate
-  return frozenset(keys)
+@dataclasses.dataclass(frozen=True)
+class Student:
+  """Everything that trains, evaluates or benchmarks one student.
+
+  Attributes:
+    method: the configured method.
+    model: the student model, with the method's extra heads.
+    tx: the SMP-gated optimizer.
+    gate: the per-batch SMP gate (kappa = 1 everywhere when SMP is off).
+    step: the jitted training step.
+    state: the initial `TrainState` (replicated on the mesh), or with
+      `build_student(init=False)` its abstract shapes and shardings (a
+      checkpoint's restore target).
+    steps_per_epoch: training batches per epoch.
+    initial_state: `() -> TrainState`, computes the initial state.
+  """
+  method: methods.Method
+  model: nn.Module
+  tx: optax.GradientTransformation
+  gate: loader.GateSpec
+  step: steps.TrainStep
+  state: steps.TrainState
+  steps_per_epoch: int
+  initial_state: Callable[[], steps.TrainState]
+
+  @property
+  def teacher_outputs(self) -> frozenset[str]:
+    """The cached teacher outputs the training batches need."""
+    keys = set(self.method.spec.teacher_outputs)
+    if self.gate.enabled:
+      keys.add("logits")  # teacher confidence drives the SMP gate
+    return frozenset(keys)
+
+  def abstract_weights(self) -> dict[str, Any]:
+    """{"params", "batch_stats"} shapes: the best checkpoint's target."""
+    return jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+        {"params": self.state.params, "batch_stats": self.state.batch_stats})
 
 
-def fingerprint(config: ml_collections.ConfigDict, dataset: MultimodalDataset,
-                teacher_digests: dict[str, str] | None) -> dict[str, Any]:
-  return {"seed": config.seed, "method": config.method,
-          "smp": methods.smp_enabled(config),
-          "gating": common.to_dict(config.gating),
-          "g2d": common.to_dict(config.g2d),
-          "method_config": common.to_dict(config.get(config.method, {})),
-          "model": common.to_dict(config.model),
-          "train": common.to_dict(config.student),
-          "data": dataset.fingerprint, "teachers": teacher_digests}
+def build_student(config: ml_collections.ConfigDict,
+                  dataset: MultimodalDataset, mesh: jax.sharding.Mesh, *,
+                  init: bool = True) -> Student:
+  """Method, model, optimizer, gate, step and state of the student.
 
+  The one place that turns a config into a student, for training,
+  evaluation and benchmarks alike. With `init=False` nothing runs: the state
+  holds shapes only.
 
-def build_method(config: ml_collections.ConfigDict, dataset: MultimodalDataset,
-                 steps_per_epoch: int | None = None) -> methods.Method:
-  return methods.build_method(config, dataset.task,
-                              modalities=tuple(dataset.modalities),
-                              steps_per_epoch=steps_per_epoch)
-
-
-def student_model(config: ml_collections.ConfigDict,
-                  dataset: MultimodalDataset,
-                  method: methods.Method) -> nn.Module:
-  """The student, with the method's extra heads if it has any."""
-  return method_heads.wrap(common.student_model(config, dataset), method.heads,
-                           dataset.num_classes, dataset.modalities)
-
-
-def build(config: ml_collections.ConfigDict, dataset: MultimodalDataset,
-          steps_per_epoch: int):
-  """(model, tx, method, gate, step_fn) for the student."""
-  method = build_method(config, dataset, steps_per_epoch)
-  model = student_model(config, dataset, method)
-  params, _ = jax.eval_shape(lambda: steps.init_variables(
-      model, common.example_inputs(dataset.splits["train"], 2), config.seed))
-  labels = g2d_jax.modality_labels(params, dataset.modalities)
+  Raises:
+    ConfigError: the method cannot run with these settings.
+  """
+  train = dataset.splits["train"]
+  spe = loader.steps_per_epoch(len(train), config.student.batch_size)
+  if spe == 0:
+    raise TrainingError(
+        f"student: the training split has {len(train)} examples, fewer than "
+        f"one batch of {config.student.batch_size}; lower "
+        "--config.student.batch_size.")
+  modalities = tuple(dataset.modalities)
+  method = methods.build_method(config, dataset.task, modalities=modalities,
+                                steps_per_epoch=spe)
+  model = method_heads.wrap(build.student_model(config, dataset),
+                            method.spec.heads, dataset.num_classes, modalities)
+  example = build.example_inputs(train, 2)
+  params, _ = jax.eval_shape(
+      lambda: steps.init_variables(model, example, config.seed))
+  labels = g2d_jax.modality_labels(params, modalities)
   if config.gating.semantics == "reference" and methods.smp_enabled(config):
     gated = {label for (path, leaf), label in zip(
         jax.tree_util.tree_leaves_with_path(params), jax.tree.leaves(labels))
              if g2d_jax.gating.conv_kernel(path, leaf)}
-    for m in dataset.modalities:
+    for m in modalities:
       if m not in gated:
         raise ConfigError(
             f"config.gating.semantics='reference' gates only conv kernels "
@@ -93,35 +123,49 @@ def build(config: ml_collections.ConfigDict, dataset: MultimodalDataset,
   # schedule's step count that many times per batch.
   tx = g2d_jax.smp_optimizer(
       steps.make_optimizer(config.student.optimizer,
-                           steps_per_epoch * method.updates_per_step),
+                           spe * method.spec.updates_per_step),
       labels, semantics=config.gating.semantics)
-  gate = steps.GateSpec(config, dataset.modalities, dataset.task)
-  step = steps.make_train_step(model, tx, method, dataset.task, gate)
-  return model, tx, method, gate, step
+  gate = loader.GateSpec(config, modalities, dataset.task)
+  step = steps.TrainStep(model, tx, method, dataset.task, gate)
 
-
-def new_state(config: ml_collections.ConfigDict, dataset: MultimodalDataset,
-              model: nn.Module, tx: Any, method: methods.Method,
-              mesh: jax.sharding.Mesh) -> steps.TrainState:
-  """The initial student state, with the method's state if it has one."""
-  train = dataset.splits["train"]
-  state = common.new_state(model, tx, train, config.seed, mesh)
-  if method.init_state is not None:
-    example = common.example_inputs(train, 2)
+  def initial_state():
+    state = build.new_state(model, tx, train, config.seed, mesh)
+    if method.init_state is None:
+      return state
     outputs = jax.eval_shape(
         lambda p, b: steps.apply_model(model, p, b, example, train=False)[0],
         state.params, state.batch_stats)
-    state = state.replace(method_state=mesh_lib.replicate(
+    return state.replace(method_state=mesh_lib.replicate(
         method.init_state(state.params, outputs), mesh))
-  return state
+
+  if init:
+    state = initial_state()
+  else:
+    sharding = mesh_lib.replicated(mesh)
+    state = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
+        jax.eval_shape(initial_state))
+  return Student(method, model, tx, gate, step, state, spe, initial_state)
 
 
-def make_epoch_hook(method: methods.Method, model: nn.Module, train: Any,
-                    batch_size: int, seed: int, mesh: jax.sharding.Mesh):
+def fingerprint(config: ml_collections.ConfigDict, dataset: MultimodalDataset,
+                teacher_digests: dict[str, str] | None) -> dict[str, Any]:
+  return {"seed": config.seed, "method": config.method,
+          "smp": methods.smp_enabled(config),
+          "gating": artifacts.plain(config.gating),
+          "g2d": artifacts.plain(config.g2d),
+          "method_config": artifacts.plain(config.get(config.method, {})),
+          "model": artifacts.plain(config.model),
+          "train": artifacts.plain(config.student),
+          "data": dataset.fingerprint, "teachers": teacher_digests}
+
+
+def make_epoch_hook(student: Student, train: Any, batch_size: int, seed: int,
+                    mesh: jax.sharding.Mesh):
   """`hook(state, epoch) -> state` running the method's `epoch_hook`: an
   inference-mode pass over the first batches of the epoch (the ones it is
   about to train on), whose summed statistics update the method state."""
-  hook = method.epoch_hook
+  hook, model = student.method.epoch_hook, student.model
   if hook is None:
     return None
   n = hook.num_batches(loader.steps_per_epoch(len(train), batch_size))
@@ -151,66 +195,54 @@ def train_student(config: ml_collections.ConfigDict,
                   dataset: MultimodalDataset, workdir: str,
                   mesh: jax.sharding.Mesh,
                   stop_after_steps: int | None = None) -> dict[str, Any]:
-  train = dataset.splits["train"]
-  spe = loader.steps_per_epoch(len(train), config.student.batch_size)
-  method = build_method(config, dataset, spe)
-  keys = needed_teacher_outputs(config, method)
+  """Trains (or finds already trained) the student; returns its record."""
+  if methods.trains_nothing(config.method):
+    raise ConfigError(
+        f"config.method={config.method!r} trains no student: it is the "
+        "ensemble of the unimodal teachers, reported by the evaluation stage; "
+        "run --mode=eval (or --mode=all).")
+  student = build_student(config, dataset, mesh, init=False)
+  keys = student.teacher_outputs
   digests = (teachers_lib.teacher_digests(config, dataset, workdir)
-             if keys or not method.trains_student else None)
+             if keys else None)
   directory = student_dir(workdir, config)
   fp = fingerprint(config, dataset, digests)
-  done = common.stage_done(directory, fp)
+  done = records.stage_done(directory, fp)
   if done is not None:
     logging.info("student: already trained (best epoch %s), skipping",
                  done["best"]["epoch"])
     return done
-  val = dataset.splits["val"]
-  if not method.trains_student:
-    # UME: nothing to train; the "student" is the teachers' ensemble.
-    eval_step, params, batch_stats = ensemble(config, dataset, workdir, mesh)
-    scores = common.evaluate_split(eval_step, params, batch_stats, val,
-                                   config.eval.batch_size, mesh, dataset.task)
-    logging.info("student (%s ensemble of the teachers): val %s",
-                 config.method, scores)
-    os.makedirs(directory, exist_ok=True)
-    result = {"best": {"epoch": None, "val": scores}}
-    common.mark_done(directory, fp, result)
-    return common.to_dict({"fingerprint": fp, **result})
   cache = precompute.load_cache(workdir, dataset, digests) if keys else None
   # Feature alignment with the teachers is reported for every method whose
   # workdir has a teacher cache, including those that do not train on it.
   diag = cache if cache is not None else diagnostics_cache(config, dataset,
                                                            workdir)
-  model, tx, _, gate, step = build(config, dataset, spe)
-  state = new_state(config, dataset, model, tx, method, mesh)
-  eval_step = steps.make_eval_step(model, dataset.task)
+  eval_step = scoring.make_eval_step(student.model, dataset.task)
+  train = dataset.splits["train"]
 
   def scorer(split_name):
     split = dataset.splits[split_name]
     teacher = diag[split_name] if diag is not None else None
-    return lambda p, b: common.evaluate_split(
-        eval_step, p, b, split, config.eval.batch_size, mesh, dataset.task,
-        teacher=teacher)
+    return lambda p, b: scoring.evaluate_split(
+        eval_step, p, b, split, config.eval.batch_size, mesh, teacher=teacher)
 
   fit = trainer.fit(
-      name="student", directory=directory, state=state, step_fn=step,
-      train_split=train, batch_size=config.student.batch_size,
-      epochs=config.student.epochs, seed=config.seed, task=dataset.task,
-      evaluate=scorer("val"),
+      name="student", directory=directory, state=student.initial_state(),
+      step_fn=student.step, train_split=train,
+      batch_size=config.student.batch_size, epochs=config.student.epochs,
+      seed=config.seed, task=dataset.task, evaluate=scorer("val"),
       monitors={"test": scorer("test")} if config.eval.test_every_epoch
       else None,
       mesh=mesh, fingerprint=fp,
       teacher=cache["train"] if cache else None, teacher_keys=keys,
-      gate=gate.for_batch,
-      epoch_hook=make_epoch_hook(method, model, train,
-                                 config.student.batch_size, config.seed, mesh),
+      gate=student.gate.for_batch,
+      epoch_hook=make_epoch_hook(student, train, config.student.batch_size,
+                                 config.seed, mesh),
       log_every_steps=config.log_every_steps,
       checkpoint_every_steps=config.student.checkpoint_every_steps,
       stop_after_steps=stop_after_steps)
-  plot(fit.history, directory, dataset.modalities, config.method)
-  result = {"best": fit.best}
-  common.mark_done(directory, fp, result)
-  return common.to_dict({"fingerprint": fp, **result})
+  plot(fit.history, directory, config.method)
+  return records.mark_done(directory, fp, {"best": fit.best})
 
 
 def diagnostics_cache(config: ml_collections.ConfigDict,
@@ -225,68 +257,33 @@ def diagnostics_cache(config: ml_collections.ConfigDict,
     return None
 
 
-def ensemble(config: ml_collections.ConfigDict, dataset: MultimodalDataset,
-             workdir: str, mesh: jax.sharding.Mesh):
-  """(eval_step, params, batch_stats) of the teachers' ensemble (UME).
-
-  `eval_step(params, batch_stats, batch) -> counts` runs every teacher and
-  reports the combined logits as "fused" and each teacher as its modality,
-  so `common.evaluate_split` scores it like a student.
-  """
-  teacher_models, params, batch_stats = {}, {}, {}
-  for m in dataset.modalities:
-    model, weights = teachers_lib.load_teacher(config, dataset, workdir, m,
-                                               mesh)
-    teacher_models[m] = model
-    params[m], batch_stats[m] = weights["params"], weights["batch_stats"]
-  combine = config.ume.combine
-
-  @jax.jit
-  def eval_step(params, batch_stats, batch):
-    outs = {m: steps.apply_model(teacher_models[m], params[m], batch_stats[m],
-                                 batch["inputs"], train=False)[0]
-            for m in dataset.modalities}
-    logits = {m: o.logits for m, o in outs.items()}
-    out = models.MultimodalOutput(
-        ume.ensemble_logits(logits, combine), logits,
-        {m: o.features[m] for m, o in outs.items()})
-    return steps.correct_counts(out, batch["label"], dataset.task,
-                                batch["mask"],
-                                calibration_bins=steps.ECE_BINS)
-
-  return eval_step, params, batch_stats
-
-
-def plot(history, directory: str, modalities,
-         method: str = "") -> str | None:
+def plot(history, directory: str, method: str = "") -> str | None:
   """Per-modality validation accuracy and ECE, teacher confidence, kappa and
   the method's per-modality coefficients (OGM's, MLB's k) by epoch."""
-  del modalities
   groups = {"val/accuracy/": "val accuracy", "val/ece/": "val ECE",
             "train/confidence/": "teacher confidence (mean over batches)",
             "train/kappa/": "kappa (share of batches training)",
             "val/mae/": "val MAE"}
   if method:
     groups[f"train/{method}/coeff/"] = f"{method} coefficient (batch mean)"
-  return metrics_lib.plot_curves(
+  return logs.plot_curves(
       history, os.path.join(directory, "curves.png"), f"student ({method})"
       if method else "student", groups)
 
 
-def load_student(config, dataset, workdir, mesh):
-  """(model, best weights) of the trained student."""
+def load_student(config: ml_collections.ConfigDict, dataset: MultimodalDataset,
+                 workdir: str, mesh: jax.sharding.Mesh
+                 ) -> tuple[Student, dict[str, Any], dict[str, Any]]:
+  """(student, best weights, their metadata) of the trained student."""
   directory = student_dir(workdir, config)
-  if not os.path.exists(os.path.join(directory, common.DONE)):
+  if not os.path.exists(os.path.join(directory, records.DONE)):
     raise CacheMismatchError(
         f"no trained student in {directory}; run --mode=student (or "
         "--mode=all) first.")
-  model = student_model(config, dataset, build_method(config, dataset))
-  like = common.abstract_weights(model, dataset.splits["train"], config.seed,
-                                 mesh)
+  student = build_student(config, dataset, mesh, init=False)
   ckpt = checkpoint.RunCheckpoints(os.path.join(directory, "checkpoints"))
   try:
-    weights, meta = ckpt.restore_best(like)
+    weights, meta = ckpt.restore_best(student.abstract_weights())
   finally:
     ckpt.close()
-  return model, weights, meta
-
+  return student, weights, meta

@@ -9,13 +9,15 @@ from absl import logging
 import jax
 import ml_collections
 
+from g2d_jax import artifacts
 from g2d_jax.data.base import MultimodalDataset
 from g2d_jax.errors import CacheMismatchError
 from g2d_jax.methods import joint
-from g2d_jax.methods.base import Method
+from g2d_jax.pipeline import build
 from g2d_jax.pipeline import checkpoint
-from g2d_jax.pipeline import common
 from g2d_jax.pipeline import loader
+from g2d_jax.pipeline import records
+from g2d_jax.pipeline import scoring
 from g2d_jax.pipeline import steps
 from g2d_jax.pipeline import trainer
 
@@ -27,16 +29,9 @@ def teacher_dir(workdir: str, m: str) -> str:
 def fingerprint(config: ml_collections.ConfigDict,
                 dataset: MultimodalDataset, m: str) -> dict[str, Any]:
   return {"modality": m, "seed": config.seed,
-          "encoder": common.encoder_spec(config, m),
-          "train": common.to_dict(config.teacher),
+          "encoder": build.encoder_spec(config, m),
+          "train": artifacts.plain(config.teacher),
           "data": dataset.fingerprint}
-
-
-def unimodal_method(task: str) -> Method:
-  def loss(outputs, batch):
-    value = joint.supervised_loss(outputs.logits, batch["label"], task)
-    return value, {"student": value}
-  return Method(name="teacher", loss=loss)
 
 
 def train_teachers(config: ml_collections.ConfigDict,
@@ -50,31 +45,31 @@ def train_teachers(config: ml_collections.ConfigDict,
   for m in dataset.modalities:
     directory = teacher_dir(workdir, m)
     fp = fingerprint(config, dataset, m)
-    done = common.stage_done(directory, fp)
+    done = records.stage_done(directory, fp)
     if done is not None:
       logging.info("teacher/%s: already trained (best epoch %d), skipping",
                    m, done["best"]["epoch"])
       results[m] = done
       continue
-    model = common.teacher_model(config, dataset, m)
+    model = build.teacher_model(config, dataset, m)
     tx = steps.make_optimizer(config.teacher.optimizer, spe)
-    state = common.new_state(model, tx, train, config.seed, mesh)
-    step = steps.make_train_step(model, tx, unimodal_method(dataset.task),
-                                 dataset.task)
-    eval_step = steps.make_eval_step(model, dataset.task)
+    state = build.new_state(model, tx, train, config.seed, mesh)
+    # A teacher is a unimodal model trained on the supervised loss alone.
+    step = steps.TrainStep(model, tx, joint.build(config, dataset.task),
+                           dataset.task)
+    eval_step = scoring.make_eval_step(model, dataset.task)
     val = dataset.splits["val"]
     fit = trainer.fit(
         name=f"teacher/{m}", directory=directory, state=state, step_fn=step,
         train_split=train, batch_size=config.teacher.batch_size,
         epochs=config.teacher.epochs, seed=config.seed, task=dataset.task,
-        evaluate=lambda p, b: common.evaluate_split(
-            eval_step, p, b, val, config.eval.batch_size, mesh, dataset.task),
+        evaluate=lambda p, b: scoring.evaluate_split(
+            eval_step, p, b, val, config.eval.batch_size, mesh),
         mesh=mesh, fingerprint=fp, log_every_steps=config.log_every_steps,
         checkpoint_every_steps=config.teacher.checkpoint_every_steps,
         stop_after_steps=stop_after_steps)
-    result = {"best": fit.best, "digest": common.weights_digest(fit.weights)}
-    common.mark_done(directory, fp, result)
-    results[m] = common.to_dict({"fingerprint": fp, **result})
+    results[m] = records.mark_done(directory, fp, {
+        "best": fit.best, "digest": records.weights_digest(fit.weights)})
   return results
 
 
@@ -83,7 +78,7 @@ def teacher_record(config: ml_collections.ConfigDict,
                    m: str) -> dict[str, Any]:
   """The done record of a trained teacher; raises if there is none."""
   directory = teacher_dir(workdir, m)
-  record = common.stage_done(directory, fingerprint(config, dataset, m))
+  record = records.stage_done(directory, fingerprint(config, dataset, m))
   if record is None:
     raise CacheMismatchError(
         f"no trained {m} teacher for these settings in {directory}; run "
@@ -103,16 +98,16 @@ def load_teacher(config: ml_collections.ConfigDict, dataset: MultimodalDataset,
                  workdir: str, m: str, mesh: jax.sharding.Mesh):
   """(model, best weights) of a trained teacher; raises if it is missing."""
   record = teacher_record(config, dataset, workdir, m)
-  model = common.teacher_model(config, dataset, m)
-  like = common.abstract_weights(model, dataset.splits["train"], config.seed,
-                                 mesh)
+  model = build.teacher_model(config, dataset, m)
+  like = build.abstract_weights(model, dataset.splits["train"], config.seed,
+                                mesh)
   ckpt = checkpoint.RunCheckpoints(
       os.path.join(teacher_dir(workdir, m), "checkpoints"))
   try:
     weights, _ = ckpt.restore_best(like)
   finally:
     ckpt.close()
-  if common.weights_digest(weights) != record["digest"]:
+  if records.weights_digest(weights) != record["digest"]:
     raise CacheMismatchError(
         f"the {m} teacher's checkpoint in {teacher_dir(workdir, m)} does not "
         "match its done.json digest (modified or partly written); delete "

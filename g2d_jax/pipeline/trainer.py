@@ -19,14 +19,23 @@ from absl import logging
 import jax
 import numpy as np
 
+from g2d_jax import artifacts
 from g2d_jax.data.base import Split
 from g2d_jax.errors import CacheMismatchError
 from g2d_jax.errors import TrainingError
 from g2d_jax.pipeline import checkpoint
 from g2d_jax.pipeline import loader
+from g2d_jax.pipeline import logs
 from g2d_jax.pipeline import mesh as mesh_lib
 from g2d_jax.pipeline import metrics as metrics_lib
 from g2d_jax.pipeline.steps import TrainState
+from g2d_jax.progress import Progress
+
+# Version of the metadata stored with the latest checkpoint (its `sums` are
+# `pipeline.metrics` sums).
+META_FORMAT = 2
+# Per-step values written to steps.jsonl besides the loss.
+_PER_STEP = ("kappa/", "confidence/")
 
 
 class Interrupted(Exception):
@@ -96,24 +105,33 @@ def fit(*, name: str, directory: str, state: TrainState,
   """
   os.makedirs(directory, exist_ok=True)
   ckpt = checkpoint.RunCheckpoints(os.path.join(directory, "checkpoints"))
-  epoch_log = metrics_lib.JsonlWriter(os.path.join(directory, "metrics.jsonl"))
-  step_log = metrics_lib.JsonlWriter(os.path.join(directory, "steps.jsonl"))
+  epoch_log = logs.JsonlWriter(os.path.join(directory, "metrics.jsonl"))
+  step_log = logs.JsonlWriter(os.path.join(directory, "steps.jsonl"))
   spe = loader.steps_per_epoch(len(train_split), batch_size)
   if spe == 0:
     raise TrainingError(
         f"{name}: the training split has {len(train_split)} examples, fewer "
         f"than one batch of {batch_size}; lower the batch size.")
 
-  meta = {"epoch": 0, "step_in_epoch": 0, "sums": {}, "steps_in_sums": 0,
-          "best": None, "fingerprint": dict(fingerprint)}
+  meta = {"format": META_FORMAT, "epoch": 0, "step_in_epoch": 0,
+          "sums": None, "steps_in_sums": 0, "best": None,
+          "fingerprint": dict(fingerprint)}
   restored = ckpt.restore_latest(state)
   if restored is not None:
     state, meta = restored
-    if meta["fingerprint"] != _roundtrip(fingerprint):
+    if meta["fingerprint"] != artifacts.plain(fingerprint):
       ckpt.close()
       raise CacheMismatchError(
           f"{directory} holds a run with different settings; use a new "
           f"--workdir or delete {directory} to start over.")
+    if meta.get("format") != META_FORMAT:
+      if meta.get("sums"):
+        ckpt.close()
+        raise CacheMismatchError(
+            f"{directory} holds a mid-epoch checkpoint written by an older "
+            f"g2d_jax; delete {directory} to train this stage again.")
+      # An epoch-end checkpoint of the older format carries nothing else.
+      meta = dict(meta, format=META_FORMAT, sums=None)
     logging.info("%s: resuming at epoch %d step %d", name, meta["epoch"],
                  meta["step_in_epoch"])
   done_global = meta["epoch"] * spe + meta["step_in_epoch"]
@@ -122,35 +140,40 @@ def fit(*, name: str, directory: str, state: TrainState,
   step_log.truncate_after("step", done_global)
 
   rng = jax.random.key(seed)
-  progress = metrics_lib.Progress(name, epochs * spe, done_global,
-                                  log_every_steps)
+  progress = Progress(name, epochs * spe, done_global,
+                      every=max(1, log_every_steps))
   steps_this_call = 0
   pending: list[Any] = []
-  sums: dict[str, float] = dict(meta["sums"])
+  sums = metrics_lib.from_json(meta["sums"]) if meta["sums"] else None
   n_in_sums = meta["steps_in_sums"]
 
   def drain(global_step: int) -> None:
     """Moves pending device metrics to the host (the only sync point)."""
-    nonlocal n_in_sums
+    nonlocal n_in_sums, sums
     if not pending:
       return
     host = jax.device_get(pending)
     first = global_step - len(host) + 1
     for i, m in enumerate(host):
-      loss = float(m["loss"])
+      scalars = m["scalars"]
+      loss = float(scalars["loss"])
       if not math.isfinite(loss):
         raise TrainingError(
             f"{name}: the loss became {loss} at step {first + i} (epoch "
             f"{(first + i - 1) // spe}); lower the learning rate (e.g. "
             "--config.student.optimizer.lr or --config.teacher.optimizer.lr) "
             "or check the data. Checkpoints before this step are intact.")
-      for k, v in m.items():
-        sums[k] = sums.get(k, 0.0) + float(v)
-      per_step = {k: float(v) for k, v in m.items()
-                  if k == "loss" or k.startswith(("kappa/", "confidence/"))}
+      sums = metrics_lib.add(sums, m)
+      per_step = {k: float(v) for k, v in scalars.items()
+                  if k == "loss" or k.startswith(_PER_STEP)}
       step_log.write({"step": first + i, **per_step})
     n_in_sums += len(host)
     pending.clear()
+
+  def mean_loss() -> float:
+    if not sums:
+      return float("nan")
+    return float(sums["scalars"]["loss"]) / max(1, n_in_sums)
 
   try:
     for epoch in range(meta["epoch"], epochs):
@@ -169,17 +192,17 @@ def fit(*, name: str, directory: str, state: TrainState,
         steps_this_call += 1
         if global_step % log_every_steps == 0:
           drain(global_step)
-          progress.update(global_step, f"loss {sums.get('loss', 0) / max(1, n_in_sums):.4f}")
+          progress.update(global_step, f"loss {mean_loss():.4f}")
         if (checkpoint_every_steps and (i + 1) % checkpoint_every_steps == 0
             and i + 1 < spe):
           drain(global_step)
           ckpt.save_latest(global_step, state, dict(
-              meta, epoch=epoch, step_in_epoch=i + 1, sums=sums,
-              steps_in_sums=n_in_sums))
+              meta, epoch=epoch, step_in_epoch=i + 1,
+              sums=artifacts.to_jsonable(sums), steps_in_sums=n_in_sums))
         if stop_after_steps is not None and steps_this_call >= stop_after_steps:
           raise Interrupted(f"stopped after {steps_this_call} steps")
       drain(epoch * spe + spe)
-      train = metrics_lib.summarize_counts(sums, max(1, n_in_sums))
+      train = metrics_lib.summarize(sums, max(1, n_in_sums))
       val = evaluate(state.params, state.batch_stats)
       score = selection_score(val, task)
       record = {"epoch": epoch, "step": (epoch + 1) * spe,
@@ -198,8 +221,8 @@ def fit(*, name: str, directory: str, state: TrainState,
       logging.info("%s epoch %d: train loss %.4f, val %s%s", name, epoch,
                    train.get("loss", float("nan")),
                    _fmt(val), "  (best)" if best["epoch"] == epoch else "")
-      sums, n_in_sums = {}, 0
-      meta = dict(meta, epoch=epoch + 1, step_in_epoch=0, sums={},
+      sums, n_in_sums = None, 0
+      meta = dict(meta, epoch=epoch + 1, step_in_epoch=0, sums=None,
                   steps_in_sums=0, best=best)
       ckpt.save_latest((epoch + 1) * spe, state, meta)
     weights, best_meta = ckpt.restore_best(
@@ -212,9 +235,3 @@ def fit(*, name: str, directory: str, state: TrainState,
 
 def _fmt(val: Mapping[str, float]) -> str:
   return ", ".join(f"{k} {v:.4f}" for k, v in sorted(val.items()))
-
-
-def _roundtrip(obj: Any) -> Any:
-  """The value as it reads back from JSON (tuples become lists, ...)."""
-  import json  # pylint: disable=g-import-not-at-top
-  return json.loads(json.dumps(metrics_lib._jsonable(obj)))  # pylint: disable=protected-access
