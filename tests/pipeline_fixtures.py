@@ -1,5 +1,9 @@
 """Small in-memory datasets and configs for pipeline tests (not real data)."""
 
+import importlib.util
+import os
+
+import jax
 import ml_collections
 import numpy as np
 
@@ -63,3 +67,59 @@ def student(config, dataset, mesh):
   from g2d_jax.pipeline import student as student_lib  # pylint: disable=g-import-not-at-top
   s = student_lib.build_student(config, dataset, mesh)
   return s.model, s.state
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def config_module(name):
+  """configs/<name>.py, imported from its file."""
+  spec = importlib.util.spec_from_file_location(
+      f"{name}_config", os.path.join(ROOT, "configs", f"{name}.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def abstract_outputs(config, dataset, n=2):
+  """Shapes of the config's student outputs on n of the dataset's samples
+  (nothing is computed)."""
+  from g2d_jax.pipeline import build  # pylint: disable=g-import-not-at-top
+  model = build.student_model(config, dataset)
+  x = build.example_inputs(dataset.splits["train"], n)
+  variables = jax.eval_shape(
+      lambda: model.init(jax.random.key(0), x, train=False))
+  return jax.eval_shape(lambda v: model.apply(v, x, train=False), variables)
+
+
+def data_config(name, data_dir, cache_dir=None, **overrides):
+  """The default data config of `name` reading `data_dir` (and building into
+  `cache_dir`, with two threads), with `overrides`."""
+  from g2d_jax import data  # pylint: disable=g-import-not-at-top
+  cfg = data.default_data_config(name)
+  cfg.data_dir = str(data_dir)
+  if cache_dir is not None:
+    cfg.cache_dir = str(cache_dir)
+    cfg.build_threads = 2
+  for k, v in overrides.items():
+    cfg[k] = v
+  return cfg
+
+
+def check_presets(name, modalities, extra=()):
+  """Every preset of configs/<name>.py (and `extra` ones) names the dataset
+  and validates for 4 devices; returns the config module."""
+  module = config_module(name)
+  for preset in module.PRESETS + tuple(extra):
+    c = module.get_config(preset)
+    assert c.data.name == name
+    config_lib.validate(c, 4, modalities)
+  return module
+
+
+def write_pickle(path, obj, protocol=4):
+  """Pickles `obj` to `path`, creating its folder (feature-pickle fixtures)."""
+  import pickle  # pylint: disable=g-import-not-at-top
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(path, "wb") as f:
+    pickle.dump(obj, f, protocol=protocol)

@@ -5,10 +5,8 @@ tests: a few synthetic tones as WAV files and flat-colour JPEG frames under
 CREMA-D's file names. It is not CREMA-D data.
 """
 
-import importlib.util
 import os
 
-import jax
 import numpy as np
 import pytest
 import scipy.io.wavfile
@@ -17,11 +15,11 @@ from PIL import Image
 
 from g2d_jax import data
 from g2d_jax import errors
+from g2d_jax.data import base
 from g2d_jax.data import cremad
-from g2d_jax.pipeline import build
-from g2d_jax.pipeline import config as config_lib
+from g2d_jax.data import media
+from tests import pipeline_fixtures as fx
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SR = 22050
 SENTENCES = ("IEO", "DFA", "IOM", "ITH", "ITS", "IWL")
 # n frames -> official frame index (seed 999, size 1, replace=False).
@@ -102,15 +100,8 @@ def fixture_dir(tmp_path_factory):
 
 
 def _cfg(data_dir, tmp, **kw):
-  cfg = data.default_data_config("cremad")
-  cfg.data_dir = data_dir
-  cfg.cache_dir = str(tmp)
-  cfg.image_size = 32
-  cfg.val_fraction = 0.5
-  cfg.build_threads = 2
-  for k, v in kw.items():
-    cfg[k] = v
-  return cfg
+  return fx.data_config("cremad", data_dir, tmp, **{
+      "image_size": 32, "val_fraction": 0.5, **kw})
 
 
 @pytest.fixture(scope="module")
@@ -123,14 +114,14 @@ def _split_ids(data_dir, **kw):
   cfg = _cfg(data_dir, "", **kw)
   samples, _ = cremad.list_samples(cfg)
   labels = np.array([s.label for s in samples["train"]])
-  tr, va = cremad.carve_validation(labels, cfg.val_fraction, cfg.val_seed)
+  tr, va = base.carve_validation(labels, cfg.val_fraction, cfg.val_seed)
   return {"train": [samples["train"][i].clip_id for i in tr],
           "val": [samples["train"][i].clip_id for i in va],
           "test": [s.clip_id for s in samples["test"]]}
 
 
 def test_official_frame_choice_indices():
-  got = [int(cremad.official_frame_choice(n, 1)[0]) for n in range(1, 9)]
+  got = [int(media.official_frame_choice(n, 1)[0]) for n in range(1, 9)]
   assert got == [0, 1, 1, 2, 3, 2, 3, 3]
   # Same as the official global-state call, which we must not disturb.
   state = np.random.get_state()
@@ -138,14 +129,14 @@ def test_official_frame_choice_indices():
     for n in range(3, 12):
       np.random.seed(999)
       want = np.random.choice(n, size=3, replace=False)
-      np.testing.assert_array_equal(cremad.official_frame_choice(n, 3), want)
+      np.testing.assert_array_equal(media.official_frame_choice(n, 3), want)
   finally:
     np.random.set_state(state)
   before = np.random.get_state()[1].copy()
-  cremad.official_frame_choice(7, 1)
+  media.official_frame_choice(7, 1)
   np.testing.assert_array_equal(np.random.get_state()[1], before)
   with pytest.raises(errors.DataError, match="2 frames but 3"):
-    cremad.official_frame_choice(2, 3)
+    media.official_frame_choice(2, 3)
 
 
 def test_shapes_dtypes_labels_and_split_sizes(dataset, fixture_dir):
@@ -240,8 +231,8 @@ def test_resampled_clip(fixture_dir, dataset):
 def test_frame_choice_and_normalisation(dataset, fixture_dir):
   data_dir, info = fixture_dir
   ids = _split_ids(data_dir)
-  mean = np.array(cremad.IMAGENET_MEAN, np.float32)
-  std = np.array(cremad.IMAGENET_STD, np.float32)
+  mean = np.array(media.IMAGENET_MEAN, np.float32)
+  std = np.array(media.IMAGENET_STD, np.float32)
   seen = set()
   for s, split in dataset.splits.items():
     raw = split.inputs["visual"].raw
@@ -330,20 +321,8 @@ def test_empty_frame_folder(fixture_dir, tmp_path):
       f.writelines(lines)
 
 
-def _load_config_module():
-  spec = importlib.util.spec_from_file_location(
-      "cremad_config", os.path.join(ROOT, "configs", "cremad.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
 def test_config_presets_build_and_validate():
-  module = _load_config_module()
-  for preset in module.PRESETS + ("paper,joint",):
-    c = module.get_config(preset)
-    assert c.data.name == "cremad"
-    config_lib.validate(c, 4, cremad.MODALITIES)
+  module = fx.check_presets("cremad", cremad.MODALITIES, ("paper,joint",))
   paper = module.get_config()
   assert paper.model.encoders.audio.kind == "resnet18"
   assert paper.student.batch_size == 16 and paper.student.epochs == 300
@@ -353,11 +332,7 @@ def test_config_presets_build_and_validate():
 
 
 def test_smoke_model_accepts_fixture_inputs(dataset):
-  c = _load_config_module().get_config("smoke")
-  model = build.student_model(c, dataset)
-  x = build.example_inputs(dataset.splits["train"], 2)
-  variables = jax.eval_shape(
-      lambda: model.init(jax.random.key(0), x, train=False))
-  out = jax.eval_shape(lambda v: model.apply(v, x, train=False), variables)
+  c = fx.config_module("cremad").get_config("smoke")
+  out = fx.abstract_outputs(c, dataset)
   assert out.logits.shape == (2, 6)
   assert set(out.features) == {"audio", "visual"}

@@ -5,21 +5,16 @@ IEMOCAP's feature sizes with MulT-style [N, 4, 2] labels; it is made up for
 these tests and is not IEMOCAP data.
 """
 
-import importlib.util
 import os
-import pickle
 
-import jax
 import numpy as np
 import pytest
 
 from g2d_jax import data
 from g2d_jax import errors
 from g2d_jax.data import iemocap
-from g2d_jax.pipeline import build
-from g2d_jax.pipeline import config as config_lib
+from tests import pipeline_fixtures as fx
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DIMS = {"text": 300, "audio": 74, "vision": 35}
 # Emotion (Neutral 0, Happy 1, Sad 2, Angry 3) of each utterance.
 EMOTION = {"train": [0, 1, 2, 3, 1, 0, 2], "valid": [3, 2, 1], "test": [1, 0,
@@ -49,10 +44,8 @@ def _split(emotions, seed, lengths=None):
   return out
 
 
-def _write(path, obj):
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  with open(path, "wb") as f:
-    pickle.dump(obj, f)
+def _write(path, obj, protocol=4):
+  fx.write_pickle(path, obj, protocol)
 
 
 @pytest.fixture(scope="module")
@@ -67,11 +60,7 @@ def fixture(tmp_path_factory):
 
 
 def _cfg(data_dir, **kw):
-  cfg = data.default_data_config("iemocap")
-  cfg.data_dir = data_dir
-  for k, v in kw.items():
-    cfg[k] = v
-  return cfg
+  return fx.data_config("iemocap", data_dir, **kw)
 
 
 def test_four_way_labels_and_arrays_as_stored(fixture):
@@ -178,20 +167,8 @@ def test_bad_files_raise_data_error(fixture, tmp_path):
     data.load_dataset(_cfg(data_dir, label_mode="fear"))
 
 
-def _load_config_module():
-  spec = importlib.util.spec_from_file_location(
-      "iemocap_config", os.path.join(ROOT, "configs", "iemocap.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
 def test_config_presets_build_and_validate():
-  module = _load_config_module()
-  for preset in module.PRESETS + ("paper,g2d",):
-    c = module.get_config(preset)
-    assert c.data.name == "iemocap"
-    config_lib.validate(c, 4, iemocap.MODALITIES)
+  module = fx.check_presets("iemocap", iemocap.MODALITIES, ("paper,g2d",))
   paper = module.get_config()
   assert paper.model.encoders.text.hidden_dim == 768
   assert paper.model.encoders.audio.num_layers == 4
@@ -201,10 +178,6 @@ def test_config_presets_build_and_validate():
 def test_small_model_accepts_fixture_inputs(fixture):
   data_dir, _, _ = fixture
   ds = data.load_dataset(_cfg(data_dir))
-  c = _load_config_module().get_config("small")
-  model = build.student_model(c, ds)
-  x = build.example_inputs(ds.splits["train"], 2)
-  variables = jax.eval_shape(
-      lambda: model.init(jax.random.key(0), x, train=False))
-  out = jax.eval_shape(lambda v: model.apply(v, x, train=False), variables)
+  c = fx.config_module("iemocap").get_config("small")
+  out = fx.abstract_outputs(c, ds)
   assert out.logits.shape == (2, 4)

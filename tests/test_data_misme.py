@@ -5,11 +5,9 @@ JPEGs under MIS-ME-style file names and hand-written .xlsx / .csv split
 tables with the official columns. It is not MIS-ME data.
 """
 
-import importlib.util
 import os
 import zipfile
 
-import jax
 import numpy as np
 import pytest
 from PIL import Image
@@ -18,10 +16,8 @@ from g2d_jax import data
 from g2d_jax import errors
 from g2d_jax import regression_metrics
 from g2d_jax.data import misme
-from g2d_jax.pipeline import build
-from g2d_jax.pipeline import config as config_lib
+from tests import pipeline_fixtures as fx
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FEATS = misme.FEATURE_COLUMNS
 # Column order differs from FEATURE_COLUMNS and has extra columns.
 HEADER = ["date", "image", *FEATS[::-1], "vwc", "station"]
@@ -152,15 +148,8 @@ def data_dir(tmp_path_factory):
 
 
 def _cfg(data_dir, cache_dir="", **kw):
-  cfg = data.default_data_config("misme")
-  cfg.data_dir = data_dir
-  cfg.cache_dir = str(cache_dir)
-  cfg.val_table = "combined_only_val_set.csv"
-  cfg.image_size = 32
-  cfg.build_threads = 2
-  for k, v in kw.items():
-    cfg[k] = v
-  return cfg
+  return fx.data_config("misme", data_dir, cache_dir, **{
+      "val_table": "combined_only_val_set.csv", "image_size": 32, **kw})
 
 
 @pytest.fixture(scope="module")
@@ -301,20 +290,8 @@ def test_bad_input_raises_data_error(data_dir, tmp_path):
     data.load_dataset(_cfg(data_dir, target_min=0.0))
 
 
-def _load_config_module():
-  spec = importlib.util.spec_from_file_location(
-      "misme_config", os.path.join(ROOT, "configs", "misme.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
 def test_config_presets_build_and_validate():
-  module = _load_config_module()
-  for preset in module.PRESETS + ("small,joint",):
-    c = module.get_config(preset)
-    assert c.data.name == "misme"
-    config_lib.validate(c, 4, misme.MODALITIES)
+  module = fx.check_presets("misme", misme.MODALITIES, ("small,joint",))
   paper = module.get_config()
   assert paper.model.encoders.image.kind == "mobilenetv2"
   assert tuple(paper.model.encoders.tabular.hidden_dims) == (256, 128, 64,
@@ -322,10 +299,6 @@ def test_config_presets_build_and_validate():
 
 
 def test_small_model_accepts_fixture_inputs(dataset):
-  c = _load_config_module().get_config("small")
-  model = build.student_model(c, dataset)
-  x = build.example_inputs(dataset.splits["train"], 2)
-  variables = jax.eval_shape(
-      lambda: model.init(jax.random.key(0), x, train=False))
-  out = jax.eval_shape(lambda v: model.apply(v, x, train=False), variables)
+  c = fx.config_module("misme").get_config("small")
+  out = fx.abstract_outputs(c, dataset)
   assert out.logits.shape == (2, 1)

@@ -5,21 +5,18 @@ UR-Funny's sizes, front-padded like MultiBench's humor.pkl; it is made up for
 these tests and is not UR-Funny data.
 """
 
-import importlib.util
 import os
 import pickle
 
-import jax
 import numpy as np
 import pytest
 
 from g2d_jax import data
 from g2d_jax import errors
+from g2d_jax.data import sequences
 from g2d_jax.data import urfunny
-from g2d_jax.pipeline import build
-from g2d_jax.pipeline import config as config_lib
+from tests import pipeline_fixtures as fx
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 L = 50
 DIMS = {"vision": 371, "audio": 81, "text": 300}
 SIZES = {"train": 6, "valid": 3, "test": 4}
@@ -43,9 +40,7 @@ def _split(n, seed, empty_text=None):
 
 
 def _write(path, obj, protocol=4):
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  with open(path, "wb") as f:
-    pickle.dump(obj, f, protocol=protocol)
+  fx.write_pickle(path, obj, protocol)
 
 
 @pytest.fixture(scope="module")
@@ -60,11 +55,7 @@ def fixture(tmp_path_factory):
 
 
 def _cfg(data_dir, **kw):
-  cfg = data.default_data_config("urfunny")
-  cfg.data_dir = data_dir
-  for k, v in kw.items():
-    cfg[k] = v
-  return cfg
+  return fx.data_config("urfunny", data_dir, **kw)
 
 
 def _expected(x, start, seq_len, pad_side="back"):
@@ -88,7 +79,7 @@ def test_shapes_labels_and_sizes(fixture):
   for split in ds.splits.values():
     assert split.labels.dtype == np.int32
     b = split.batch(np.arange(len(split)))
-    for m, key in urfunny.PICKLE_KEYS.items():
+    for m, key in sequences.PICKLE_KEYS.items():
       assert b[m].shape == (len(split), 50, DIMS[key])
       assert b[m].dtype == np.float32
   assert ds.fingerprint["feature_dims"] == {"audio": 81, "visual": 371,
@@ -103,7 +94,7 @@ def test_text_aligned_padding_and_truncation(fixture, seq_len, pad_side):
   kept = [0, 1, 3, 4, 5]               # train sample 2 dropped
   for j, i in enumerate(kept):
     start = L - lengths["train"][i]    # text starts here for all modalities
-    for m, key in urfunny.PICKLE_KEYS.items():
+    for m, key in sequences.PICKLE_KEYS.items():
       want = _expected(obj["train"][key][i], start, seq_len, pad_side)
       np.testing.assert_allclose(ds.splits["train"].inputs[m][j], want,
                                  rtol=1e-6, atol=1e-6)
@@ -132,25 +123,25 @@ def test_standardize_uses_train_valid_steps(fixture):
   data_dir, _, _ = fixture
   ds = data.load_dataset(_cfg(data_dir, standardize=True))
   x = ds.splits["train"].inputs["visual"]
-  mask = urfunny.valid_mask(x)
+  mask = sequences.valid_mask(x)
   steps = x[mask]
   np.testing.assert_allclose(steps.mean(axis=0), 0.0, atol=1e-5)
   np.testing.assert_allclose(steps.std(axis=0), 1.0, atol=1e-4)
   assert np.all(x[~mask] == 0.0)
   raw = data.load_dataset(_cfg(data_dir))
   np.testing.assert_array_equal(
-      urfunny.valid_mask(raw.splits["train"].inputs["visual"]), mask)
+      sequences.valid_mask(raw.splits["train"].inputs["visual"]), mask)
 
 
 def test_mask_helper_and_fix_length():
   x = np.zeros((2, 5, 2))
   x[0, 3:] = 1.0
   x[1, 1:] = 2.0
-  out, valid = urfunny.fix_length(x, urfunny.first_nonzero_step(x), 3, "back")
+  out, valid = sequences.fix_length(x, sequences.first_nonzero_step(x), 3, "back")
   np.testing.assert_array_equal(valid, [[1, 1, 0], [1, 1, 1]])
   np.testing.assert_array_equal(out[0, :, 0], [1, 1, 0])
-  np.testing.assert_array_equal(urfunny.valid_mask(out), valid)
-  out, valid = urfunny.fix_length(x, np.array([5, 1]), 3, "front")
+  np.testing.assert_array_equal(sequences.valid_mask(out), valid)
+  out, valid = sequences.fix_length(x, np.array([5, 1]), 3, "front")
   np.testing.assert_array_equal(valid, [[0, 0, 0], [1, 1, 1]])
 
 
@@ -208,20 +199,8 @@ def test_bad_files_raise_data_error(fixture, tmp_path):
     data.load_dataset(_cfg(data_dir, align="middle"))
 
 
-def _load_config_module():
-  spec = importlib.util.spec_from_file_location(
-      "urfunny_config", os.path.join(ROOT, "configs", "urfunny.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
 def test_config_presets_build_and_validate():
-  module = _load_config_module()
-  for preset in module.PRESETS + ("small,joint",):
-    c = module.get_config(preset)
-    assert c.data.name == "urfunny"
-    config_lib.validate(c, 4, urfunny.MODALITIES)
+  module = fx.check_presets("urfunny", urfunny.MODALITIES, ("small,joint",))
   paper = module.get_config()
   for m in urfunny.MODALITIES:
     enc = paper.model.encoders[m]
@@ -233,12 +212,8 @@ def test_config_presets_build_and_validate():
 def test_small_model_accepts_fixture_inputs(fixture):
   data_dir, _, _ = fixture
   ds = data.load_dataset(_cfg(data_dir))
-  c = _load_config_module().get_config("small")
-  model = build.student_model(c, ds)
-  x = build.example_inputs(ds.splits["train"], 2)
-  variables = jax.eval_shape(
-      lambda: model.init(jax.random.key(0), x, train=False))
-  out = jax.eval_shape(lambda v: model.apply(v, x, train=False), variables)
+  c = fx.config_module("urfunny").get_config("small")
+  out = fx.abstract_outputs(c, ds)
   assert out.logits.shape == (2, 2)
   assert {m: f.shape for m, f in out.features.items()} == {
       m: (2, 32) for m in urfunny.MODALITIES}

@@ -6,10 +6,8 @@ clip names. It is not VGGSound data.
 """
 
 import hashlib
-import importlib.util
 import os
 
-import jax
 import numpy as np
 import pytest
 import scipy.io.wavfile
@@ -17,11 +15,11 @@ from PIL import Image
 
 from g2d_jax import data
 from g2d_jax import errors
+from g2d_jax.data import base
+from g2d_jax.data import media
 from g2d_jax.data import vggsound
-from g2d_jax.pipeline import build
-from g2d_jax.pipeline import config as config_lib
+from tests import pipeline_fixtures as fx
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SR = 16000
 CLASSES = ("waterfall burbling", "playing tennis", "car engine starting")
 # (youtube id, time, label, split, seconds of audio, frames, has wav).
@@ -76,15 +74,9 @@ def data_dir(tmp_path_factory):
 
 
 def _cfg(data_dir, cache_dir, **kw):
-  cfg = data.default_data_config("vggsound")
-  cfg.data_dir = data_dir
-  cfg.cache_dir = str(cache_dir)
-  cfg.image_size = 32
-  cfg.val_fraction = 0.34     # one clip of each class's three goes to val
-  cfg.build_threads = 2
-  for k, v in kw.items():
-    cfg[k] = v
-  return cfg
+  # val_fraction: one clip of each class's three goes to val.
+  return fx.data_config("vggsound", data_dir, cache_dir, **{
+      "image_size": 32, "val_fraction": 0.34, **kw})
 
 
 @pytest.fixture(scope="module")
@@ -96,7 +88,7 @@ def _split_rows(cfg):
   """Fixture rows of each split in index order (from the loader's listing)."""
   samples, _, _ = vggsound.list_samples(cfg)
   labels = np.array([s.label for s in samples["train"]])
-  tr, va = vggsound.cremad.carve_validation(labels, cfg.val_fraction,
+  tr, va = base.carve_validation(labels, cfg.val_fraction,
                                             cfg.val_seed)
   by_id = {f"{r[0]}_{r[1]:06d}": r for r in ROWS}
   return {"train": [by_id[samples["train"][i].clip_id] for i in tr],
@@ -186,8 +178,8 @@ def test_spectrogram_matches_direct_dft(data_dir, tmp_path, crop):
 
 def test_three_frames_in_official_choice_order(dataset, data_dir):
   rows = _split_rows(_cfg(data_dir, ""))
-  mean = np.array(vggsound.cremad.IMAGENET_MEAN, np.float32)
-  std = np.array(vggsound.cremad.IMAGENET_STD, np.float32)
+  mean = np.array(media.IMAGENET_MEAN, np.float32)
+  std = np.array(media.IMAGENET_STD, np.float32)
   for s, split in dataset.splits.items():
     raw = split.inputs["visual"].raw
     for i, row in enumerate(rows[s]):
@@ -244,30 +236,14 @@ def test_bad_input_raises_data_error(data_dir, tmp_path):
     data.load_dataset(_cfg(data_dir, tmp_path, crop="random"))
 
 
-def _load_config_module():
-  spec = importlib.util.spec_from_file_location(
-      "vggsound_config", os.path.join(ROOT, "configs", "vggsound.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
 def test_config_presets_build_and_validate():
-  module = _load_config_module()
-  for preset in module.PRESETS + ("smoke,umt",):
-    c = module.get_config(preset)
-    assert c.data.name == "vggsound"
-    config_lib.validate(c, 4, vggsound.MODALITIES)
+  module = fx.check_presets("vggsound", vggsound.MODALITIES, ("smoke,umt",))
   paper = module.get_config("paper")
   assert paper.data.num_frames == 3 and paper.data.crop == "center"
   assert paper.student.epochs == 300 and tuple(paper.gating.taus) == (151,)
 
 
 def test_smoke_model_accepts_fixture_inputs(dataset):
-  c = _load_config_module().get_config("smoke")
-  model = build.student_model(c, dataset)
-  x = build.example_inputs(dataset.splits["train"], 2)
-  variables = jax.eval_shape(
-      lambda: model.init(jax.random.key(0), x, train=False))
-  out = jax.eval_shape(lambda v: model.apply(v, x, train=False), variables)
+  c = fx.config_module("vggsound").get_config("smoke")
+  out = fx.abstract_outputs(c, dataset)
   assert out.logits.shape == (2, 3)

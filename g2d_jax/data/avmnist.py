@@ -66,8 +66,6 @@ then opened with `mmap_mode="r"`.
 
 from __future__ import annotations
 
-import datetime
-import json
 import math
 import os
 import time
@@ -76,12 +74,15 @@ from absl import logging
 import ml_collections
 import numpy as np
 
+from g2d_jax import artifacts
 from g2d_jax import errors
 from g2d_jax.data import audio
 from g2d_jax.data import base
-from g2d_jax.data import cache
+from g2d_jax.data import materialize
+from g2d_jax.data import media
 from g2d_jax.data import mnist
 from g2d_jax.data import pca as pca_lib
+from g2d_jax.progress import Progress
 
 NAME = "avmnist"
 # Bump whenever the code changes the built bytes, so stale caches are rebuilt.
@@ -93,6 +94,7 @@ SPEC_SIZE = 112
 MNIST_TRAIN = 60000
 SPLIT_CODES = {"train": 0, "val": 1, "test": 2}
 
+_FETCH = "fetch the data again (python -m g2d_jax.data.download --dest DATA_DIR)"
 # Fields that do not change the built arrays (so are not part of the key).
 _NON_BUILD_FIELDS = ("name", "data_dir", "cache_dir", "build_chunk")
 
@@ -322,10 +324,7 @@ def validate_config(cfg) -> None:
 
 def build_settings(cfg) -> dict:
   """Every setting that changes the built arrays (JSON-able)."""
-  settings = {k: base.to_jsonable(v) for k, v in cfg.items()
-              if k not in _NON_BUILD_FIELDS}
-  settings["recipe_version"] = RECIPE_VERSION
-  return settings
+  return base.build_settings(cfg, _NON_BUILD_FIELDS, RECIPE_VERSION)
 
 
 def _source_paths(data_dir: str, cfg) -> dict[str, list[str]]:
@@ -385,32 +384,17 @@ def _check_pools(recs: list[audio.Recording], cfg) -> None:
 
 def source_identity(paths: dict[str, list[str]]) -> dict[str, str]:
   """sha256 of each source group's concatenated file contents."""
-  return {kind: cache.sha256_files(p) for kind, p in paths.items()}
+  return {kind: artifacts.sha256_files(p) for kind, p in paths.items()}
 
 
 def cache_key(settings: dict, sources: dict[str, str]) -> str:
   """Directory name of a build: hash of its settings and sources."""
-  return cache.settings_hash({"settings": settings, "sources": sources})[:20]
+  return artifacts.canonical_hash({"settings": settings,
+                                   "sources": sources})[:20]
 
 
 # ----------------------------------------------------------------------------
 # Build.
-
-
-class _Progress:
-  """Logs counts and rate at most every few seconds."""
-
-  def __init__(self, what: str, total: int):
-    self.what, self.total = what, total
-    self.t0 = self.last = time.monotonic()
-
-  def update(self, done: int) -> None:
-    now = time.monotonic()
-    if now - self.last >= 5.0 or done == self.total:
-      self.last = now
-      rate = done / max(now - self.t0, 1e-9)
-      logging.info("AV-MNIST build: %s %d/%d (%.0f samples/s)", self.what,
-                   done, self.total, rate)
 
 
 def _split_ranges(cfg) -> dict[str, tuple[str, int, int]]:
@@ -479,9 +463,8 @@ def _speech_spectra(recs, used, rec_dir, cfg, window) -> np.ndarray:
   target = 10.0 ** (cfg.speech_level_dbfs / 20.0)
   spectra = np.zeros((len(recs), SPEC_SIZE, SPEC_SIZE), dtype=np.complex64)
   for i in used:
-    sr, x = audio.read_wav(os.path.join(rec_dir, recs[i].name))
-    if sr != SAMPLE_RATE:
-      x = audio.resample(x, sr, SAMPLE_RATE)
+    x = media.load_audio(os.path.join(rec_dir, recs[i].name), SAMPLE_RATE,
+                         _FETCH)
     placed = audio.place_in_window(x, window, cfg.clip_placement)
     active = min(len(x), window)
     level = math.sqrt(float(np.sum(placed ** 2)) / active)
@@ -489,7 +472,7 @@ def _speech_spectra(recs, used, rec_dir, cfg, window) -> np.ndarray:
       raise errors.DataError(
           f"{recs[i].name} is silent within the {window}-sample window;"
           " replace the file or remove it from the recordings folder")
-    spec = audio.stft(placed * (target / level), cfg.n_fft, cfg.hop_length,
+    spec = media.stft(placed * (target / level), cfg.n_fft, cfg.hop_length,
                       SPEC_SIZE)
     spectra[i] = spec[:, :SPEC_SIZE]
   return spectra
@@ -500,14 +483,13 @@ def _noise_spectra(noise_paths, cfg, window):
   frames, offsets, num_offsets, cumsq = [], [], [], []
   total = 0
   for p in noise_paths:
-    sr, x = audio.read_wav(p)
-    x = audio.resample(x, sr, SAMPLE_RATE)
+    x = media.load_audio(p, SAMPLE_RATE, _FETCH)
     if len(x) < window:
       raise errors.DataError(
           f"noise file {p} is {len(x) / SAMPLE_RATE:.2f} s long, shorter than"
           f" the {window / SAMPLE_RATE:.2f} s window; remove it from"
           " config.data.noise_files")
-    spec = audio.stft(x, cfg.n_fft, cfg.hop_length)[:, :SPEC_SIZE]
+    spec = media.stft(x, cfg.n_fft, cfg.hop_length)[:, :SPEC_SIZE]
     frames.append(spec.astype(np.complex64))
     offsets.append(total)
     total += len(spec)
@@ -522,7 +504,7 @@ def _build_audio(out_dir, cfg, data_dir, labels_by_split, ranges) -> dict:
   rec_dir = os.path.join(data_dir, "fsdd", "recordings")
   recs = audio.list_fsdd(rec_dir)
   pools = speaker_pools(recs, cfg)
-  window = audio.num_window_samples(cfg.n_fft, cfg.hop_length, SPEC_SIZE)
+  window = media.num_window_samples(cfg.n_fft, cfg.hop_length, SPEC_SIZE)
   rec_idx = {s: assign_recordings(labels_by_split[s], pools[s], recs, cfg.seed,
                                   SPLIT_CODES[s]) for s in base.SPLIT_NAMES}
   # Only recordings some sample uses are rendered (all of them in a full
@@ -546,7 +528,8 @@ def _build_audio(out_dir, cfg, data_dir, labels_by_split, ranges) -> dict:
     out = np.lib.format.open_memmap(
         os.path.join(out_dir, s, "audio.npy"), mode="w+", dtype=np.uint8,
         shape=(n, SPEC_SIZE, SPEC_SIZE, 1))
-    progress = _Progress(f"{s} audio", n)
+    progress = Progress(f"AV-MNIST build: {s} audio", n, unit="samples",
+                        seconds=5.0)
     for a in range(0, n, cfg.build_chunk):
       b = min(a + cfg.build_chunk, n)
       spec = speech[rec_idx[s][a:b]]
@@ -574,10 +557,12 @@ def _build_audio(out_dir, cfg, data_dir, labels_by_split, ranges) -> dict:
   return info
 
 
-def _build(out_dir: str, cfg, data_dir: str, key: str, settings: dict,
-           sources: dict) -> None:
-  """Builds every split into `out_dir` (a temp directory)."""
+def _build(out_dir: str, cfg, data_dir: str, settings: dict,
+           sources: dict) -> dict:
+  """Builds every split into `out_dir` (a temp directory); returns the
+  manifest entries."""
   t0 = time.monotonic()
+  logging.info("AV-MNIST build: %s -> %s", settings, out_dir)
   mn = mnist.load_mnist(os.path.join(data_dir, "mnist"))
   ranges = _split_ranges(cfg)
   labels = {}
@@ -588,10 +573,9 @@ def _build(out_dir: str, cfg, data_dir: str, key: str, settings: dict,
   image_info = _build_images(out_dir, cfg, mn, ranges, sources["mnist"])
   del mn
   audio_info = _build_audio(out_dir, cfg, data_dir, labels, ranges)
-  seconds = time.monotonic() - t0
-  manifest = {
+  logging.info("AV-MNIST build: done in %.1f s", time.monotonic() - t0)
+  return {
       "format": "g2d_jax.avmnist",
-      "key": key,
       "settings": settings,
       "sources": sources,
       "split_sizes": {s: ranges[s][2] for s in base.SPLIT_NAMES},
@@ -601,63 +585,32 @@ def _build(out_dir: str, cfg, data_dir: str, key: str, settings: dict,
       "dtype": "uint8",
       "image": image_info,
       "audio": audio_info,
-      "build_seconds": round(seconds, 2),
-      "created": datetime.datetime.now(datetime.timezone.utc).isoformat(),
-      "complete": True,
   }
-  # The manifest is written last: a directory without it is never valid.
-  cache.write_json(os.path.join(out_dir, "manifest.json"), manifest)
-  logging.info("AV-MNIST build: done in %.1f s", seconds)
 
 
-def _open(build_dir: str, key: str) -> tuple[dict, dict[str, base.Split]]:
-  """Opens a finished build read-only; DataError if it is not valid."""
+def _open(build_dir: str, manifest: dict) -> dict[str, base.Split]:
+  """Opens a finished build read-only; DataError if it is damaged."""
   fix = f"delete {build_dir} and run again to rebuild it"
-  try:
-    with open(os.path.join(build_dir, "manifest.json")) as f:
-      manifest = json.load(f)
-  except (OSError, ValueError) as e:
-    raise errors.DataError(
-        f"AV-MNIST cache {build_dir} has no readable manifest ({e}); {fix}"
-    ) from None
-  if not manifest.get("complete") or manifest.get("key") != key:
-    raise errors.DataError(
-        f"AV-MNIST cache {build_dir} is incomplete or belongs to other"
-        f" settings; {fix}")
   splits = {}
   for s in base.SPLIT_NAMES:
     n = manifest["split_sizes"][s]
-    arrays = {}
-    try:
-      for m in MODALITIES:
-        arrays[m] = np.load(os.path.join(build_dir, s, f"{m}.npy"),
-                            mmap_mode="r")
-        want = (n, *manifest["shapes"][m])
-        if arrays[m].shape != want or arrays[m].dtype != np.uint8:
-          raise errors.DataError(
-              f"{s}/{m}.npy has shape {arrays[m].shape} {arrays[m].dtype},"
-              f" expected {want} uint8")
-      labels = np.load(os.path.join(build_dir, s, "labels.npy"))
-    except (OSError, ValueError) as e:
-      raise errors.DataError(
-          f"AV-MNIST cache {build_dir} is damaged ({e}); {fix}") from None
-    except errors.DataError as e:
-      raise errors.DataError(
-          f"AV-MNIST cache {build_dir} is damaged: {e}; {fix}") from None
-    if (labels.shape != (n,)
-        or base.label_sha256(labels) != manifest["label_sha256"][s]):
-      raise errors.DataError(
-          f"AV-MNIST cache {build_dir}: {s}/labels.npy does not match its"
-          f" manifest; {fix}")
+    arrays = {m: materialize.open_array(
+        os.path.join(build_dir, s, f"{m}.npy"), (n, *manifest["shapes"][m]),
+        np.uint8, fix) for m in MODALITIES}
+    labels = materialize.check_labels(
+        os.path.join(build_dir, s, "labels.npy"), manifest["label_sha256"][s],
+        n, "classification", fix)
     splits[s] = base.Split(
-        inputs={m: arrays[m] for m in MODALITIES},
-        labels=labels.astype(np.int32),
+        inputs=arrays, labels=labels.astype(np.int32),
         scales={m: 1.0 / 255.0 for m in MODALITIES})
-  return manifest, splits
+  return splits
 
 
-def build(cfg) -> str:
-  """Builds (or finds) the cached AV-MNIST arrays; returns their directory.
+def build(cfg) -> tuple[str, dict]:
+  """Builds (or finds) the cached AV-MNIST arrays.
+
+  Returns:
+    (their directory, its manifest).
 
   Raises:
     ConfigError: a setting is invalid.
@@ -669,22 +622,12 @@ def build(cfg) -> str:
   settings = build_settings(cfg)
   sources = source_identity(paths)
   key = cache_key(settings, sources)
-  root = os.path.join(base.resolve_cache_dir(cfg.cache_dir), NAME)
-  final = os.path.join(root, key)
-  if os.path.exists(os.path.join(final, "manifest.json")):
-    return final
-  with cache.file_lock(os.path.join(root, f".{key}.lock")):
-    if os.path.exists(os.path.join(final, "manifest.json")):
-      return final
-    if os.path.exists(final):
-      raise errors.DataError(
-          f"{final} exists but has no manifest (not written by this"
-          " library's atomic build); delete it and run again")
-    cache.remove_stale_tmp(final)
-    logging.info("AV-MNIST build: %s -> %s", settings, final)
-    with cache.atomic_directory(final) as tmp:
-      _build(tmp, cfg, data_dir, key, settings, sources)
-  return final
+  final = os.path.join(base.resolve_cache_dir(cfg.cache_dir), NAME, key)
+  manifest = materialize.build_once(
+      final, {"key": key},
+      lambda tmp: _build(tmp, cfg, data_dir, settings, sources),
+      what="AV-MNIST cache")
+  return final, manifest
 
 
 def load(cfg) -> base.MultimodalDataset:
@@ -693,8 +636,8 @@ def load(cfg) -> base.MultimodalDataset:
   Inputs are read-only memmaps: uint8 audio [N, 112, 112, 1] and image
   [N, 28, 28, 1], both with scale 1/255.
   """
-  final = build(cfg)
-  manifest, splits = _open(final, os.path.basename(final))
+  final, manifest = build(cfg)
+  splits = _open(final, manifest)
   fingerprint = base.make_fingerprint(NAME, manifest["settings"], splits,
                                       "classification")
   fingerprint["build_key"] = manifest["key"]

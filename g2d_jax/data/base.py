@@ -14,10 +14,14 @@ from typing import Any
 
 import numpy as np
 
+from g2d_jax import artifacts
 from g2d_jax import errors
 
 SPLIT_NAMES = ("train", "val", "test")
 TASKS = ("classification", "regression")
+# How a loader keeps prepared samples: "cache" (built once, memory-mapped;
+# `data.materialize`) or "on_demand" (computed when read). Same values.
+STORAGES = ("cache", "on_demand")
 
 DATA_DIR_ENV = "G2D_DATA_DIR"
 CACHE_DIR_ENV = "G2D_CACHE_DIR"
@@ -135,24 +139,24 @@ def make_fingerprint(name: str, settings: dict[str, Any],
   """Builds the JSON-able dataset identity stored in downstream manifests."""
   return {
       "dataset": name,
-      "settings": to_jsonable(settings),
+      "settings": artifacts.to_jsonable(settings),
       "split_sizes": {s: len(splits[s]) for s in SPLIT_NAMES},
       "label_sha256": {
           s: label_sha256(splits[s].labels, task) for s in SPLIT_NAMES},
   }
 
 
-def to_jsonable(value: Any) -> Any:
-  """Converts config values (tuples, ConfigDicts, numpy scalars) for JSON."""
-  if hasattr(value, "to_dict"):
-    value = value.to_dict()
-  if isinstance(value, dict):
-    return {str(k): to_jsonable(v) for k, v in sorted(value.items())}
-  if isinstance(value, (list, tuple)):
-    return [to_jsonable(v) for v in value]
-  if isinstance(value, np.generic):
-    return value.item()
-  return value
+def build_settings(cfg, exclude: tuple[str, ...] = ("name",),
+                   recipe_version: int | None = None) -> dict[str, Any]:
+  """Every setting of a data config that changes the samples (JSON-able):
+  all fields but `exclude` (paths, storage, threads, ...), plus the
+  loader's recipe version, which a loader bumps whenever its code changes
+  the built bytes, so stale caches are rebuilt."""
+  settings = {k: artifacts.to_jsonable(v) for k, v in cfg.items()
+              if k not in exclude}
+  if recipe_version is not None:
+    settings["recipe_version"] = recipe_version
+  return settings
 
 
 def resolve_data_dir(data_dir: str, required: tuple[str, ...] = ()) -> str:
@@ -219,3 +223,63 @@ def check_labels(labels: np.ndarray, num_classes: int, what: str) -> np.ndarray:
         f"{int(labels.max())}, expected 0..{num_classes - 1}; check the label"
         " file belongs to this dataset")
   return labels.astype(np.int32)
+
+
+def resolve_path(root: str, name: str) -> str:
+  """`name` if absolute, else `root/name`."""
+  return os.path.join(root, os.path.expanduser(name))
+
+
+def file_identity(path: str, root: str) -> str:
+  """`relative path|size|mtime_ns` of a source file (for cache keys)."""
+  st = os.stat(path)
+  return f"{os.path.relpath(path, root)}|{st.st_size}|{st.st_mtime_ns}"
+
+
+def cap(items, max_examples: int) -> list:
+  """The first `max_examples` items (all if 0)."""
+  items = list(items)
+  return items[:max_examples] if max_examples else items
+
+
+def carve_validation(labels: np.ndarray, fraction: float,
+                     seed: int) -> tuple[np.ndarray, np.ndarray]:
+  """Stratified train/val split of a training list.
+
+  Per class, a permutation seeded by `seed` puts round(fraction * n_class) of
+  the class's samples into val.
+
+  Returns:
+    (train indices, val indices), each sorted (original order kept).
+  """
+  rng = np.random.default_rng(seed)
+  val = []
+  labels = np.asarray(labels)
+  for c in np.unique(labels):
+    idx = rng.permutation(np.flatnonzero(labels == c))
+    val.append(idx[:int(round(fraction * len(idx)))])
+  val_idx = np.sort(np.concatenate(val)) if val else np.zeros(0, np.int64)
+  train_idx = np.setdiff1d(np.arange(len(labels)), val_idx)
+  return train_idx, val_idx
+
+
+def check_common_config(cfg) -> None:
+  """Validates the storage, split and size fields shared by the loaders of
+  user-provided datasets (CREMA-D, VGGSound, MIS-ME)."""
+  if cfg.storage not in STORAGES:
+    raise errors.ConfigError(
+        f"config.data.storage={cfg.storage!r} must be one of {STORAGES}")
+  if "val_fraction" in cfg and not 0.0 < cfg.val_fraction < 1.0:
+    raise errors.ConfigError(
+        f"config.data.val_fraction={cfg.val_fraction} must be in (0, 1): the"
+        " validation split is carved out of the training rows")
+  if cfg.max_examples_per_split < 0:
+    raise errors.ConfigError(
+        f"config.data.max_examples_per_split={cfg.max_examples_per_split}"
+        " must be >= 0 (0 keeps every sample)")
+  if cfg.build_threads < 0:
+    raise errors.ConfigError(
+        f"config.data.build_threads={cfg.build_threads} must be >= 0")
+  if "image_size" in cfg and cfg.image_size < 1:
+    raise errors.ConfigError(
+        f"config.data.image_size={cfg.image_size} must be >= 1")

@@ -61,42 +61,34 @@ Deviations from the official code:
 - No train-time augmentation. The official train transform is
   RandomResizedCrop(224) + RandomHorizontalFlip; here every split uses the
   deterministic test transform, because teacher outputs are precomputed per
-  sample index (DESIGN section 2) and samples must not change between reads.
+  sample index (`pipeline.precompute`) and samples must not change between
+  reads.
 - Clips shorter than 1 s are tiled as often as needed to fill 3 s (the
   official `np.tile(x, 3)` would give a shorter array and fail at batching).
 - Non-image files in a frame folder are ignored (the official code counts
   every entry); an existing frame folder without frames is an error unless
   `skip_empty_frame_folders` is set.
 
-The helpers `NormalizedImages`, `LazySamples`, `materialize`, `log_stft`,
-`read_wav_mono`, `load_rgb`, `official_frame_choice`, `list_frames` and
-`carve_validation` are shared with the VGGSound and MIS-ME loaders.
+The media helpers (`data.media`) and the build-once cache
+(`data.materialize`) are shared with the VGGSound and MIS-ME loaders.
 """
 
 from __future__ import annotations
 
-import concurrent.futures
 import csv
 import dataclasses
-import datetime
 import hashlib
-import json
 import math
 import os
-import struct
-import time
-import warnings
-from typing import Callable, Sequence
 
 from absl import logging
 import ml_collections
 import numpy as np
-import scipy.io.wavfile
 
 from g2d_jax import errors
-from g2d_jax.data import audio as audio_lib
 from g2d_jax.data import base
-from g2d_jax.data import cache
+from g2d_jax.data import materialize
+from g2d_jax.data import media
 
 NAME = "cremad"
 # Bump whenever the code changes the built bytes, so stale caches are rebuilt.
@@ -104,12 +96,6 @@ RECIPE_VERSION = 1
 MODALITIES = ("audio", "visual")
 CLASSES = ("NEU", "HAP", "SAD", "FEA", "DIS", "ANG")
 NUM_CLASSES = len(CLASSES)
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
-LOG_EPS = 1e-7
-PAD_MODES = ("constant", "reflect")
-STORAGES = ("cache", "on_demand")
 
 # Fields that do not change the samples (not part of the key / fingerprint).
 NON_BUILD_FIELDS = ("name", "data_dir", "subdir", "cache_dir", "storage",
@@ -164,429 +150,6 @@ def default_config() -> ml_collections.ConfigDict:
 
 
 # ----------------------------------------------------------------------------
-# Shared helpers (also used by vggsound.py and misme.py).
-
-
-class LazySamples:
-  """Read-only array-like [N, *shape] whose rows are computed when read.
-
-  `x[i]` calls `fn(i)`; `x[idx]` for an integer array or slice stacks the
-  rows. This is the `storage="on_demand"` backend: `Split.batch` only indexes
-  its inputs, so a batch costs the samples it holds.
-  """
-
-  def __init__(self, fn: Callable[[int], np.ndarray], n: int,
-               shape: Sequence[int], dtype):
-    self._fn = fn
-    self.shape = (int(n), *(int(d) for d in shape))
-    self.dtype = np.dtype(dtype)
-
-  @property
-  def ndim(self) -> int:
-    return len(self.shape)
-
-  def __len__(self) -> int:
-    return self.shape[0]
-
-  def _row(self, i: int) -> np.ndarray:
-    n = self.shape[0]
-    if not -n <= i < n:
-      raise IndexError(f"index {i} out of range for {n} samples")
-    row = np.asarray(self._fn(int(i) % n))
-    if row.shape != self.shape[1:]:
-      raise errors.DataError(
-          f"sample {i} has shape {row.shape}, expected {self.shape[1:]}; the"
-          " source file is malformed")
-    return row.astype(self.dtype, copy=False)
-
-  def __getitem__(self, key) -> np.ndarray:
-    if isinstance(key, (int, np.integer)):
-      return self._row(int(key))
-    if isinstance(key, slice):
-      idx = np.arange(self.shape[0])[key]
-    else:
-      idx = np.asarray(key)
-      if idx.ndim != 1 or not np.issubdtype(idx.dtype, np.integer):
-        raise TypeError(f"LazySamples supports an int, a slice or a 1-D int"
-                        f" array as index, got {key!r}")
-    out = np.empty((len(idx), *self.shape[1:]), dtype=self.dtype)
-    for j, i in enumerate(idx):
-      out[j] = self._row(int(i))
-    return out
-
-  def __array__(self, dtype=None, copy=None):
-    del copy
-    arr = self[np.arange(self.shape[0])]
-    return arr if dtype is None else arr.astype(dtype)
-
-
-class NormalizedImages:
-  """uint8 RGB images [N, ..., 3] read as float32 `(x / 255 - mean) / std`.
-
-  The torchvision `ToTensor()` + `Normalize(mean, std)` of the official
-  loaders, applied on read so the storage stays uint8 (4x smaller). Use
-  scale 1.0 for such a modality in `Split.scales`.
-  """
-
-  def __init__(self, images, mean: Sequence[float], std: Sequence[float]):
-    if images.shape[-1] != 3:
-      raise errors.DataError(
-          f"NormalizedImages expects RGB images [..., 3], got {images.shape}")
-    self._images = images
-    self._mean = np.asarray(mean, np.float32)
-    self._std = np.asarray(std, np.float32)
-    self.shape = tuple(images.shape)
-    self.dtype = np.dtype(np.float32)
-
-  @property
-  def ndim(self) -> int:
-    return len(self.shape)
-
-  @property
-  def raw(self):
-    """The underlying uint8 images."""
-    return self._images
-
-  def __len__(self) -> int:
-    return self.shape[0]
-
-  def __getitem__(self, key) -> np.ndarray:
-    x = np.asarray(self._images[key]).astype(np.float32) / np.float32(255.0)
-    return (x - self._mean) / self._std
-
-  def __array__(self, dtype=None, copy=None):
-    del copy
-    arr = self[np.arange(self.shape[0])]
-    return arr if dtype is None else arr.astype(dtype)
-
-
-def read_wav_mono(path: str, sample_rate: int | None = None) -> np.ndarray:
-  """Reads a PCM/float WAV file as float64 mono, like `librosa.load`.
-
-  Integer PCM is scaled to [-1, 1) (int16 / 32768, ...), channels are
-  averaged (librosa's `mono=True`), and the signal is resampled to
-  `sample_rate` with scipy's polyphase filter if the file has another rate.
-
-  Raises:
-    DataError: the file is missing, unreadable, empty or of an unsupported
-      sample type.
-  """
-  if not os.path.exists(path):
-    raise errors.DataError(f"{path} is missing; restore the audio file")
-  try:
-    with warnings.catch_warnings():
-      warnings.simplefilter("ignore", scipy.io.wavfile.WavFileWarning)
-      sr, x = scipy.io.wavfile.read(path)
-  except (ValueError, OSError, EOFError, struct.error) as e:
-    raise errors.DataError(
-        f"{path} is not a readable WAV file ({e}); it is truncated or not PCM"
-        " audio: replace it (e.g. ffmpeg -i VIDEO -acodec pcm_s16le OUT.wav)"
-    ) from None
-  if x.dtype == np.int16:
-    x = x.astype(np.float64) / 32768.0
-  elif x.dtype == np.int32:
-    x = x.astype(np.float64) / 2147483648.0
-  elif x.dtype == np.uint8:
-    x = (x.astype(np.float64) - 128.0) / 128.0
-  elif np.issubdtype(x.dtype, np.floating):
-    x = x.astype(np.float64)
-  else:
-    raise errors.DataError(f"{path} has unsupported sample type {x.dtype};"
-                           " convert it to 16-bit PCM")
-  if x.ndim == 2:
-    x = x.mean(axis=1)
-  if x.size == 0:
-    raise errors.DataError(f"{path} holds no samples; replace the file")
-  if sample_rate is not None and int(sr) != int(sample_rate):
-    x = audio_lib.resample(x, int(sr), int(sample_rate))
-  return x
-
-
-def log_stft(x: np.ndarray, n_fft: int, hop_length: int,
-             pad_mode: str = "constant") -> np.ndarray:
-  """`log(|STFT| + 1e-7)` of a centred STFT, as `librosa.stft` defaults.
-
-  Args:
-    x: [T] waveform.
-    n_fft: frame and FFT length (window length too).
-    hop_length: frame step.
-    pad_mode: "constant" (zeros) or "reflect": how the signal is padded by
-      n_fft // 2 on both sides (librosa's `center=True`).
-
-  Returns:
-    float32 [n_fft // 2 + 1, 1 + T // hop_length] (frequency, time); frame j
-    is centred on sample j * hop_length, periodic Hann window.
-  """
-  if pad_mode not in PAD_MODES:
-    raise errors.ConfigError(
-        f"stft_pad_mode={pad_mode!r} must be one of {PAD_MODES}")
-  half = n_fft // 2
-  padded = np.pad(np.asarray(x, np.float64), half, mode=pad_mode)
-  spec = audio_lib.stft(padded, n_fft, hop_length)
-  return np.log(np.abs(spec) + LOG_EPS).T.astype(np.float32)
-
-
-def load_rgb(path: str, size: int) -> np.ndarray:
-  """Opens an image as RGB and resizes it to size x size (PIL bilinear).
-
-  This is torchvision's `Resize((size, size))` on a PIL image.
-
-  Returns:
-    uint8 [size, size, 3].
-
-  Raises:
-    DataError: Pillow is missing, or the file is missing or not an image.
-  """
-  try:
-    from PIL import Image  # pylint: disable=g-import-not-at-top
-  except ImportError:
-    raise errors.DataError(
-        "reading frames needs Pillow: pip install pillow (it is installed"
-        " with matplotlib)") from None
-  try:
-    with Image.open(path) as img:
-      img = img.convert("RGB").resize((size, size), Image.BILINEAR)
-      return np.asarray(img, dtype=np.uint8)
-  except FileNotFoundError:
-    raise errors.DataError(f"{path} is missing; restore the frame") from None
-  except OSError as e:
-    raise errors.DataError(
-        f"{path} is not a readable image ({e}); re-extract the frames of this"
-        " clip") from None
-
-
-def list_frames(folder: str) -> list[str]:
-  """Image file names (.jpg/.jpeg/.png) of a frame folder, sorted by name."""
-  return sorted(f for f in os.listdir(folder)
-                if f.lower().endswith(IMAGE_EXTENSIONS))
-
-
-def official_frame_choice(num_frames: int, size: int,
-                          seed: int = 999) -> np.ndarray:
-  """Frame indices of the official `np.random.seed(seed); np.random.choice(
-  num_frames, size=size, replace=False)`, without the global NumPy state.
-
-  Raises:
-    DataError: fewer frames than requested.
-  """
-  if num_frames < size:
-    raise errors.DataError(
-        f"a frame folder has {num_frames} frames but {size} are needed")
-  return np.random.RandomState(seed).choice(num_frames, size=size,
-                                            replace=False)
-
-
-def carve_validation(labels: np.ndarray, fraction: float,
-                     seed: int) -> tuple[np.ndarray, np.ndarray]:
-  """Stratified train/val split of a training list.
-
-  Per class, a permutation seeded by `seed` puts round(fraction * n_class) of
-  the class's samples into val.
-
-  Returns:
-    (train indices, val indices), each sorted (original order kept).
-  """
-  rng = np.random.default_rng(seed)
-  val = []
-  labels = np.asarray(labels)
-  for c in np.unique(labels):
-    idx = rng.permutation(np.flatnonzero(labels == c))
-    val.append(idx[:int(round(fraction * len(idx)))])
-  val_idx = np.sort(np.concatenate(val)) if val else np.zeros(0, np.int64)
-  train_idx = np.setdiff1d(np.arange(len(labels)), val_idx)
-  return train_idx, val_idx
-
-
-def file_identity(path: str, root: str) -> str:
-  """`relative path|size|mtime_ns` of a source file (for cache keys)."""
-  st = os.stat(path)
-  return f"{os.path.relpath(path, root)}|{st.st_size}|{st.st_mtime_ns}"
-
-
-def resolve_path(root: str, name: str) -> str:
-  """`name` if absolute, else `root/name`."""
-  return os.path.join(root, os.path.expanduser(name))
-
-
-def check_common_config(cfg) -> None:
-  """Validates the storage, split and size fields shared by the loaders."""
-  if cfg.storage not in STORAGES:
-    raise errors.ConfigError(
-        f"config.data.storage={cfg.storage!r} must be one of {STORAGES}")
-  if "val_fraction" in cfg and not 0.0 < cfg.val_fraction < 1.0:
-    raise errors.ConfigError(
-        f"config.data.val_fraction={cfg.val_fraction} must be in (0, 1): the"
-        " validation split is carved out of the training rows")
-  if cfg.max_examples_per_split < 0:
-    raise errors.ConfigError(
-        f"config.data.max_examples_per_split={cfg.max_examples_per_split}"
-        " must be >= 0 (0 keeps every sample)")
-  if cfg.build_threads < 0:
-    raise errors.ConfigError(
-        f"config.data.build_threads={cfg.build_threads} must be >= 0")
-  if "image_size" in cfg and cfg.image_size < 1:
-    raise errors.ConfigError(
-        f"config.data.image_size={cfg.image_size} must be >= 1")
-
-
-@dataclasses.dataclass(frozen=True)
-class Reader:
-  """How one modality's samples are made: `fn(i)` -> array `shape`, `dtype`."""
-  fn: Callable[[int], np.ndarray]
-  shape: tuple[int, ...]
-  dtype: str
-
-
-@dataclasses.dataclass(frozen=True)
-class SplitPlan:
-  """One split to materialise: per-modality readers, labels and sample ids."""
-  readers: dict[str, Reader]
-  labels: np.ndarray
-  ids: list[str]
-
-
-def _threads(requested: int) -> int:
-  return requested or min(8, os.cpu_count() or 1)
-
-
-def _write_split(out_dir: str, name: str, split: str, plan: SplitPlan,
-                 threads: int) -> None:
-  """Writes labels, ids and one .npy per modality of a split (threaded)."""
-  os.makedirs(os.path.join(out_dir, split))
-  n = len(plan.labels)
-  np.save(os.path.join(out_dir, split, "labels.npy"), plan.labels)
-  with open(os.path.join(out_dir, split, "ids.txt"), "w") as f:
-    f.write("".join(i + "\n" for i in plan.ids))
-  outs = {m: np.lib.format.open_memmap(
-      os.path.join(out_dir, split, f"{m}.npy"), mode="w+", dtype=r.dtype,
-      shape=(n, *r.shape)) for m, r in plan.readers.items()}
-
-  def make(i: int) -> int:
-    for m, r in plan.readers.items():
-      row = np.asarray(r.fn(i))
-      if row.shape != r.shape:
-        raise errors.DataError(
-            f"{name}: sample {plan.ids[i]} ({m}) has shape {row.shape},"
-            f" expected {r.shape}")
-      outs[m][i] = row
-    return i
-
-  t0 = last = time.monotonic()
-  with concurrent.futures.ThreadPoolExecutor(threads) as pool:
-    for done, _ in enumerate(pool.map(make, range(n)), start=1):
-      now = time.monotonic()
-      if now - last >= 10.0 or done == n:
-        last = now
-        logging.info("%s build: %s %d/%d (%.1f samples/s)", name, split,
-                     done, n, done / max(now - t0, 1e-9))
-  for arr in outs.values():
-    arr.flush()
-
-
-def _open_split(build_dir: str, split: str, plan: SplitPlan, task: str,
-                fix: str) -> dict[str, np.ndarray]:
-  """Opens a built split read-only and checks it against the plan."""
-  n = len(plan.labels)
-  arrays = {}
-  try:
-    for m, r in plan.readers.items():
-      arr = np.load(os.path.join(build_dir, split, f"{m}.npy"), mmap_mode="r")
-      if arr.shape != (n, *r.shape) or arr.dtype != np.dtype(r.dtype):
-        raise errors.DataError(
-            f"{split}/{m}.npy has shape {arr.shape} {arr.dtype}, expected"
-            f" {(n, *r.shape)} {r.dtype}; {fix}")
-      arrays[m] = arr
-    labels = np.load(os.path.join(build_dir, split, "labels.npy"))
-  except (OSError, ValueError) as e:
-    raise errors.DataError(f"cache {build_dir} is damaged ({e}); {fix}"
-                           ) from None
-  if (labels.shape != (n,) or base.label_sha256(labels, task)
-      != base.label_sha256(plan.labels, task)):
-    raise errors.DataError(
-        f"cache {build_dir}: {split}/labels.npy does not match the data;"
-        f" {fix}")
-  return arrays
-
-
-def materialize(name: str, plans: dict[str, SplitPlan], *, storage: str,
-                cache_dir: str, settings: dict, sources: str, task: str,
-                build_threads: int = 0) -> tuple[dict, str]:
-  """Turns split plans into per-split input arrays.
-
-  Args:
-    name: dataset name (cache sub-folder and log prefix).
-    plans: split -> `SplitPlan`.
-    storage: "cache" (build once, open read-only memmaps) or "on_demand"
-      (`LazySamples` computing each row when read).
-    cache_dir: cache root from the config (may be empty).
-    settings: JSON-able build settings (part of the key).
-    sources: identity hash of the source files (part of the key).
-    task: "classification" or "regression" (label hashing).
-    build_threads: worker threads of the build (0: automatic).
-
-  Returns:
-    ({split: {modality: array-like}}, key).
-
-  Raises:
-    DataError: a source is malformed or an existing cache is damaged.
-  """
-  key = cache.settings_hash({"settings": settings, "sources": sources,
-                             "splits": {s: base.label_sha256(p.labels, task)
-                                        for s, p in plans.items()}})[:20]
-  if storage == "on_demand":
-    return {s: {m: LazySamples(r.fn, len(p.labels), r.shape, r.dtype)
-                for m, r in p.readers.items()}
-            for s, p in plans.items()}, key
-  root = os.path.join(base.resolve_cache_dir(cache_dir), name)
-  final = os.path.join(root, key)
-  manifest_path = os.path.join(final, "manifest.json")
-  if not os.path.exists(manifest_path):
-    with cache.file_lock(os.path.join(root, f".{key}.lock")):
-      if not os.path.exists(manifest_path):
-        if os.path.exists(final):
-          raise errors.DataError(
-              f"{final} exists but has no manifest (not written by this"
-              " library's atomic build); delete it and run again")
-        cache.remove_stale_tmp(final)
-        logging.info("%s build: %s -> %s", name, settings, final)
-        t0 = time.monotonic()
-        with cache.atomic_directory(final) as tmp:
-          for s, plan in plans.items():
-            _write_split(tmp, name, s, plan, _threads(build_threads))
-          cache.write_json(os.path.join(tmp, "manifest.json"), {
-              "format": f"g2d_jax.{name}",
-              "key": key,
-              "settings": settings,
-              "sources_sha256": sources,
-              "split_sizes": {s: len(p.labels) for s, p in plans.items()},
-              "shapes": {m: list(r.shape) for m, r in
-                         next(iter(plans.values())).readers.items()},
-              "build_seconds": round(time.monotonic() - t0, 2),
-              "created": datetime.datetime.now(
-                  datetime.timezone.utc).isoformat(),
-              "complete": True,
-          })
-  fix = f"delete {final} and run again to rebuild it"
-  try:
-    with open(manifest_path) as f:
-      manifest = json.load(f)
-  except (OSError, ValueError) as e:
-    raise errors.DataError(f"cache {final} has no readable manifest ({e});"
-                           f" {fix}") from None
-  if not manifest.get("complete") or manifest.get("key") != key:
-    raise errors.DataError(f"cache {final} is incomplete or belongs to other"
-                           f" settings; {fix}")
-  return {s: _open_split(final, s, p, task, fix)
-          for s, p in plans.items()}, key
-
-
-def cap(items: Sequence, max_examples: int) -> list:
-  """The first `max_examples` items (all if 0)."""
-  items = list(items)
-  return items[:max_examples] if max_examples else items
-
-
-# ----------------------------------------------------------------------------
 # CREMA-D.
 
 
@@ -601,11 +164,11 @@ class Sample:
 
 def validate_config(cfg) -> None:
   """Raises ConfigError for a bad setting."""
-  check_common_config(cfg)
-  if cfg.stft_pad_mode not in PAD_MODES:
+  base.check_common_config(cfg)
+  if cfg.stft_pad_mode not in media.PAD_MODES:
     raise errors.ConfigError(
         f"config.data.stft_pad_mode={cfg.stft_pad_mode!r} must be one of"
-        f" {PAD_MODES} (librosa >= 0.10 pads with zeros, older versions"
+        f" {media.PAD_MODES} (librosa >= 0.10 pads with zeros, older versions"
         " reflect)")
   for field in ("sample_rate", "num_samples", "n_fft", "hop_length",
                 "num_frames"):
@@ -616,7 +179,7 @@ def validate_config(cfg) -> None:
 def root_dir(cfg) -> str:
   """`<data_dir>/<subdir>`, checked to exist."""
   data_dir = base.resolve_data_dir(cfg.data_dir)
-  root = resolve_path(data_dir, cfg.subdir)
+  root = base.resolve_path(data_dir, cfg.subdir)
   if not os.path.isdir(root):
     raise errors.DataError(
         f"CREMA-D folder {root} is missing: put train.csv, test.csv,"
@@ -669,8 +232,8 @@ def list_samples(cfg) -> tuple[dict[str, list[Sample]], str]:
       folder (unless skipped), or no sample of a split has both files.
   """
   root = root_dir(cfg)
-  audio_dir = resolve_path(root, cfg.audio_dir)
-  visual_dir = resolve_path(root, cfg.visual_dir)
+  audio_dir = base.resolve_path(root, cfg.audio_dir)
+  visual_dir = base.resolve_path(root, cfg.visual_dir)
   for what, d, field in (("audio", audio_dir, "audio_dir"),
                          ("frame", visual_dir, "visual_dir")):
     if not os.path.isdir(d):
@@ -680,9 +243,9 @@ def list_samples(cfg) -> tuple[dict[str, list[Sample]], str]:
   h = hashlib.sha256()
   out = {}
   for part, csv_name in (("train", cfg.train_csv), ("test", cfg.test_csv)):
-    path = resolve_path(root, csv_name)
+    path = base.resolve_path(root, csv_name)
     rows = read_split_csv(path)
-    h.update(file_identity(path, root).encode())
+    h.update(base.file_identity(path, root).encode())
     kept, missing, empty = [], 0, 0
     for clip_id, label in rows:
       wav = os.path.join(audio_dir, clip_id + ".wav")
@@ -690,7 +253,7 @@ def list_samples(cfg) -> tuple[dict[str, list[Sample]], str]:
       if not (os.path.exists(wav) and os.path.exists(folder)):
         missing += 1
         continue
-      names = list_frames(folder)
+      names = media.list_frames(folder)
       if len(names) < cfg.num_frames:
         if cfg.skip_empty_frame_folders:
           empty += 1
@@ -699,13 +262,13 @@ def list_samples(cfg) -> tuple[dict[str, list[Sample]], str]:
             f"frame folder {folder} has {len(names)} frames, {cfg.num_frames}"
             " needed: re-extract the frames of this clip, or set"
             " config.data.skip_empty_frame_folders=True to drop such clips")
-      chosen = official_frame_choice(len(names), cfg.num_frames,
-                                     cfg.frame_seed)
+      chosen = media.official_frame_choice(len(names), cfg.num_frames,
+                                           cfg.frame_seed)
       frames = tuple(os.path.join(folder, names[i]) for i in chosen)
-      h.update(file_identity(wav, root).encode())
+      h.update(base.file_identity(wav, root).encode())
       h.update(("|".join(names)).encode())
       for p in frames:
-        h.update(file_identity(p, root).encode())
+        h.update(base.file_identity(p, root).encode())
       kept.append(Sample(clip_id, label, wav, frames))
     if missing or empty:
       logging.info("CREMA-D %s: kept %d of %d rows (%d without wav or frame"
@@ -721,10 +284,11 @@ def list_samples(cfg) -> tuple[dict[str, list[Sample]], str]:
 
 def spectrogram(wav_path: str, cfg) -> np.ndarray:
   """The official CREMA-D log spectrogram of one clip: float32 [F, T, 1]."""
-  x = read_wav_mono(wav_path, cfg.sample_rate)
+  x = media.load_audio(wav_path, cfg.sample_rate)
   reps = max(3, math.ceil(cfg.num_samples / len(x)))
   x = np.clip(np.tile(x, reps)[:cfg.num_samples], -1.0, 1.0)
-  return log_stft(x, cfg.n_fft, cfg.hop_length, cfg.stft_pad_mode)[..., None]
+  return media.log_stft(x, cfg.n_fft, cfg.hop_length,
+                        cfg.stft_pad_mode)[..., None]
 
 
 def audio_shape(cfg) -> tuple[int, int, int]:
@@ -732,17 +296,9 @@ def audio_shape(cfg) -> tuple[int, int, int]:
   return (cfg.n_fft // 2 + 1, 1 + cfg.num_samples // cfg.hop_length, 1)
 
 
-def frames_array(paths: Sequence[str], size: int) -> np.ndarray:
-  """uint8 [T, size, size, 3] of the given frames, in order."""
-  return np.stack([load_rgb(p, size) for p in paths])
-
-
 def build_settings(cfg) -> dict:
   """Every setting that changes the samples (JSON-able)."""
-  settings = {k: base.to_jsonable(v) for k, v in cfg.items()
-              if k not in NON_BUILD_FIELDS}
-  settings["recipe_version"] = RECIPE_VERSION
-  return settings
+  return base.build_settings(cfg, NON_BUILD_FIELDS, RECIPE_VERSION)
 
 
 def load(cfg) -> base.MultimodalDataset:
@@ -758,36 +314,40 @@ def load(cfg) -> base.MultimodalDataset:
   validate_config(cfg)
   samples, sources = list_samples(cfg)
   labels_train = np.array([x.label for x in samples["train"]], np.int32)
-  tr, va = carve_validation(labels_train, cfg.val_fraction, cfg.val_seed)
+  tr, va = base.carve_validation(labels_train, cfg.val_fraction,
+                                 cfg.val_seed)
   chosen = {"train": [samples["train"][i] for i in tr],
             "val": [samples["train"][i] for i in va],
             "test": samples["test"]}
-  chosen = {s: cap(v, cfg.max_examples_per_split) for s, v in chosen.items()}
+  chosen = {s: base.cap(v, cfg.max_examples_per_split)
+            for s, v in chosen.items()}
   shape_a = audio_shape(cfg)
   shape_v = (cfg.num_frames, cfg.image_size, cfg.image_size, 3)
   plans = {}
   for s in base.SPLIT_NAMES:
     items = chosen[s]
-    plans[s] = SplitPlan(
+    plans[s] = materialize.SplitPlan(
         readers={
-            "audio": Reader(lambda i, items=items: spectrogram(items[i].wav,
-                                                               cfg),
-                            shape_a, "float32"),
-            "visual": Reader(lambda i, items=items: frames_array(
-                items[i].frames, cfg.image_size), shape_v, "uint8"),
+            "audio": materialize.Reader(
+                lambda i, items=items: spectrogram(items[i].wav, cfg),
+                shape_a, "float32"),
+            "visual": materialize.Reader(
+                lambda i, items=items: media.frames_array(
+                    items[i].frames, cfg.image_size), shape_v, "uint8"),
         },
         labels=np.array([x.label for x in items], np.int32),
         ids=[x.clip_id for x in items])
   settings = build_settings(cfg)
-  arrays, key = materialize(NAME, plans, storage=cfg.storage,
-                            cache_dir=cfg.cache_dir, settings=settings,
-                            sources=sources, task="classification",
-                            build_threads=cfg.build_threads)
+  arrays, key = materialize.materialize(
+      NAME, plans, storage=cfg.storage, cache_dir=cfg.cache_dir,
+      settings=settings, sources=sources, task="classification",
+      build_threads=cfg.build_threads)
   splits = {
       s: base.Split(
           inputs={"audio": arrays[s]["audio"],
-                  "visual": NormalizedImages(arrays[s]["visual"],
-                                             IMAGENET_MEAN, IMAGENET_STD)},
+                  "visual": media.NormalizedImages(
+                      arrays[s]["visual"], media.IMAGENET_MEAN,
+                      media.IMAGENET_STD)},
           labels=plans[s].labels, scales={"audio": 1.0, "visual": 1.0})
       for s in base.SPLIT_NAMES}
   fingerprint = base.make_fingerprint(NAME, settings, splits,

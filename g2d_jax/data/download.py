@@ -33,10 +33,12 @@ import urllib.request
 
 from absl import logging
 
+from g2d_jax import artifacts
 from g2d_jax import errors
 from g2d_jax.data import audio
-from g2d_jax.data import cache
+from g2d_jax.data import media
 from g2d_jax.data import mnist
+from g2d_jax.progress import Progress
 
 MNIST_URL_BASES = (
     "https://ossci-datasets.s3.amazonaws.com/mnist/",
@@ -180,21 +182,6 @@ def _refuse_invalid(final_dir: str, force: bool) -> None:
         " pass --force to replace it")
 
 
-def _install(tmp_dir: str, final_dir: str, force: bool) -> None:
-  """Renames a verified temp dir into place (replacing only with --force)."""
-  if os.path.exists(final_dir):
-    if not force:
-      raise errors.DataError(
-          f"{final_dir} exists but is incomplete or corrupt: delete it or"
-          " pass --force to replace it")
-    trash = final_dir + ".old-" + str(os.getpid())
-    os.rename(final_dir, trash)
-    os.rename(tmp_dir, final_dir)
-    shutil.rmtree(trash, ignore_errors=True)
-  else:
-    os.rename(tmp_dir, final_dir)
-
-
 def download_mnist(dest: str, url_bases: tuple[str, ...] = MNIST_URL_BASES,
                    force: bool = False) -> str:
   """Fetches the four MNIST IDX files into DEST/mnist; returns that path.
@@ -207,11 +194,9 @@ def download_mnist(dest: str, url_bases: tuple[str, ...] = MNIST_URL_BASES,
     logging.info("%s already holds verified MNIST files.", final)
     return final
   _refuse_invalid(final, force)
-  os.makedirs(dest, exist_ok=True)
-  tmp = cache.tmp_prefix(final) + str(os.getpid())
-  shutil.rmtree(tmp, ignore_errors=True)
-  os.makedirs(tmp)
-  try:
+  # Renamed into place only once every file passed (replacing an invalid
+  # folder only with --force, checked above).
+  with artifacts.atomic_directory(final, replace=True) as tmp:
     for stem in mnist.FILES:
       failures = []
       for base_url in url_bases:
@@ -232,16 +217,12 @@ def download_mnist(dest: str, url_bases: tuple[str, ...] = MNIST_URL_BASES,
       with open(os.path.join(tmp, stem + ".gz"), "wb") as f:
         f.write(data)
       logging.info("MNIST: %s.gz verified (%s)", stem, url)
-    cache.fsync_tree(tmp)
-    _install(tmp, final, force)
-  finally:
-    shutil.rmtree(tmp, ignore_errors=True)
   return final
 
 
 def fsdd_checksum(recordings_dir: str, names: list[str]) -> str:
   """sha256 of the named files concatenated in sorted name order."""
-  return cache.sha256_files(
+  return artifacts.sha256_files(
       [os.path.join(recordings_dir, n) for n in sorted(names)])
 
 
@@ -269,25 +250,21 @@ def download_fsdd(dest: str, url_base: str = FSDD_URL_BASE,
     logging.info("%s already holds verified FSDD recordings.", final)
     return final
   _refuse_invalid(final, force)
-  os.makedirs(dest, exist_ok=True)
-  tmp = cache.tmp_prefix(final) + str(os.getpid())
-  shutil.rmtree(tmp, ignore_errors=True)
-  rec_dir = os.path.join(tmp, "recordings")
-  os.makedirs(rec_dir)
   names = fsdd_names()
-
   fetcher = KeepAliveFetcher()
+  with artifacts.atomic_directory(final, replace=True) as tmp:
+    rec_dir = os.path.join(tmp, "recordings")
+    os.makedirs(rec_dir)
 
-  def get(name):
-    data = fetcher.get(_join(url_base, name))
-    with open(os.path.join(rec_dir, name), "wb") as f:
-      f.write(data)
+    def get(name):
+      data = fetcher.get(_join(url_base, name))
+      with open(os.path.join(rec_dir, name), "wb") as f:
+        f.write(data)
 
-  try:
+    progress = Progress("FSDD", len(names), unit="recordings", every=500)
     with concurrent.futures.ThreadPoolExecutor(max(1, workers)) as pool:
       for i, _ in enumerate(pool.map(get, names), 1):
-        if i % 500 == 0 or i == len(names):
-          logging.info("FSDD: %d/%d recordings", i, len(names))
+        progress.update(i)
     got = fsdd_checksum(rec_dir, names)
     if got != expected_sha256:
       raise errors.DataError(
@@ -295,10 +272,6 @@ def download_fsdd(dest: str, url_base: str = FSDD_URL_BASE,
           f" expected {expected_sha256}; the repository may have changed."
           f" Nothing was written to {final}; try again or pin --fsdd_url_base"
           " to the release that matches")
-    cache.fsync_tree(tmp)
-    _install(tmp, final, force)
-  finally:
-    shutil.rmtree(tmp, ignore_errors=True)
   return final
 
 
@@ -317,11 +290,7 @@ def extract_noise(dest: str, archive: str, force: bool = False) -> str:
   if not os.path.exists(archive):
     raise errors.DataError(
         f"{archive} does not exist; download {SPEECH_COMMANDS_URL} first")
-  os.makedirs(dest, exist_ok=True)
-  tmp = cache.tmp_prefix(final) + str(os.getpid())
-  shutil.rmtree(tmp, ignore_errors=True)
-  os.makedirs(tmp)
-  try:
+  with artifacts.atomic_directory(final, replace=True) as tmp:
     found = []
     with tarfile.open(archive, "r:*") as tar:
       for member in tar:
@@ -339,11 +308,7 @@ def extract_noise(dest: str, archive: str, force: bool = False) -> str:
           f"{archive} lacks _background_noise_/{missing}.wav; is it the"
           f" Speech Commands v0.02 archive ({SPEECH_COMMANDS_URL})?")
     for name in found:
-      audio.read_wav(os.path.join(tmp, name + ".wav"))
-    cache.fsync_tree(tmp)
-    _install(tmp, final, force)
-  finally:
-    shutil.rmtree(tmp, ignore_errors=True)
+      media.read_wav(os.path.join(tmp, name + ".wav"))
   return final
 
 

@@ -29,7 +29,7 @@ Files that store integer class ids ([N] or [N, 1]) are also read: with
 "emotion" the ids are used as they are (0..num_classes-1), with a binary
 mode the label is `id == k`.
 
-Sequences go through the same steps as UR-Funny (g2d_jax/data/urfunny.py):
+Sequences go through the same steps as UR-Funny (`data.sequences`):
 non-finite values set to 0, optional `drop_empty_text`, leading padding
 removal per `align`, truncation/zero-padding to `seq_len` steps, optional
 training-set standardisation. The defaults keep MulT's arrays as stored
@@ -53,10 +53,10 @@ import numpy as np
 
 from g2d_jax import errors
 from g2d_jax.data import base
-from g2d_jax.data import urfunny
+from g2d_jax.data import sequences
 
 NAME = "iemocap"
-MODALITIES = urfunny.MODALITIES
+MODALITIES = sequences.MODALITIES
 EMOTIONS = ("neutral", "happy", "sad", "angry")
 LABEL_MODES = ("emotion",) + EMOTIONS
 
@@ -75,7 +75,7 @@ def default_config() -> ml_collections.ConfigDict:
   cfg.drop_ambiguous = False
   # Classes of files that store integer class ids ("emotion" mode).
   cfg.num_classes = 4
-  # Sequence handling (see g2d_jax/data/urfunny.py).
+  # Sequence handling (see g2d_jax/data/sequences.py).
   cfg.seq_len = 20
   cfg.seq_len_audio = 0
   cfg.seq_len_visual = 0
@@ -149,7 +149,7 @@ def load(cfg) -> base.MultimodalDataset:
     ConfigError: a bad setting.
     DataError: a missing or malformed file (keys, shapes, labels).
   """
-  urfunny.check_sequence_config(cfg)
+  sequences.check_sequence_config(cfg)
   if cfg.label_mode not in LABEL_MODES:
     raise errors.ConfigError(
         f"config.data.label_mode={cfg.label_mode!r} must be one of"
@@ -159,37 +159,21 @@ def load(cfg) -> base.MultimodalDataset:
         f"config.data.num_classes={cfg.num_classes} must be >= 2")
   data_dir = base.resolve_data_dir(cfg.data_dir)
   path = os.path.join(data_dir, os.path.expanduser(cfg.path))
-  obj, digest = urfunny.load_feature_pickle(
-      path, "MulT's IEMOCAP features iemocap_data.pkl (github.com/yaohungt/"
-      "Multimodal-Transformer, Datasets)")
-  keys = {m: urfunny.PICKLE_KEYS[m] for m in MODALITIES}
-  keys["labels"] = "labels"
-  raw, labels, classes = {}, {}, set()
-  for s, key in urfunny.SPLIT_KEYS.items():
-    arrays = urfunny.get_split_arrays(obj, path, key, keys)
-    n = urfunny.check_sequences(arrays, MODALITIES, path, key)
-    labels[s], kept, c = convert_labels(arrays["labels"], n, cfg, path, key)
+  classes = set()
+
+  def labels_fn(labels, n, key):
+    ids, kept, c = convert_labels(labels, n, cfg, path, key)
     classes.add(c)
-    raw[s] = {m: arrays[m][kept] if len(kept) < n else arrays[m]
-              for m in MODALITIES}
-  del obj
-  seqs, keep = urfunny.prepare_sequences(raw, cfg, path)
-  splits = {s: base.Split(inputs=seqs[s], labels=labels[s][keep[s]],
-                          scales=dict.fromkeys(MODALITIES, 1.0))
-            for s in base.SPLIT_NAMES}
-  if len(classes) != 1:
-    raise errors.DataError(
-        f"{path}: the splits store labels in different layouts; use the"
-        " original file")
-  num_classes = classes.pop()
-  settings = urfunny.sequence_settings(cfg)
-  settings.update(label_mode=cfg.label_mode,
-                  drop_ambiguous=cfg.drop_ambiguous)
-  fingerprint = base.make_fingerprint(NAME, settings, splits,
-                                      "classification")
-  fingerprint["feature_dims"] = {m: int(seqs["train"][m].shape[2])
-                                 for m in MODALITIES}
-  fingerprint["source_sha256"] = digest
-  return base.MultimodalDataset(
-      name=NAME, modalities=MODALITIES, splits=splits,
-      num_classes=num_classes, task="classification", fingerprint=fingerprint)
+    return ids, kept
+
+  def num_classes():
+    if len(classes) != 1:
+      raise errors.DataError(
+          f"{path}: the splits store labels in different layouts; use the"
+          " original file")
+    return next(iter(classes))
+
+  return sequences.load_dataset(
+      NAME, cfg, path, "MulT's IEMOCAP features iemocap_data.pkl (github.com/"
+      "yaohungt/Multimodal-Transformer, Datasets)", labels_fn, num_classes,
+      {"label_mode": cfg.label_mode, "drop_ambiguous": cfg.drop_ambiguous})

@@ -19,9 +19,9 @@ import os
 import ml_collections
 import numpy as np
 
+from g2d_jax import artifacts
 from g2d_jax import errors
 from g2d_jax.data import base
-from g2d_jax.data import cache
 
 NAME = "mfeat"
 VIEW_DIMS = {"fac": 216, "fou": 76, "kar": 64, "mor": 6, "pix": 240,
@@ -144,7 +144,7 @@ def load(cfg) -> base.MultimodalDataset:
               "val_fraction": cfg.val_fraction}
   fingerprint = base.make_fingerprint(NAME, settings, splits,
                                       "classification")
-  fingerprint["sources"] = {v: cache.sha256_files(
+  fingerprint["sources"] = {v: artifacts.sha256_files(
       [os.path.join(data_dir, "mfeat", f"mfeat-{v}.csv")]) for v in views}
   return base.MultimodalDataset(
       name=NAME, modalities=views, splits=splits, num_classes=NUM_CLASSES,

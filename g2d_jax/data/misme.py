@@ -41,7 +41,8 @@ resized images once into a memory-mapped cache, `storage="on_demand"` decodes
 per read; identical values.
 
 Target: G2D trains regression as MSE between sigmoid(output) and targets in
-[0, 1] (DESIGN section 2). `target_scaling="minmax"` (default) maps VWC
+[0, 1] (the paper's regression loss, `losses.regression_mse`).
+`target_scaling="minmax"` (default) maps VWC
 affinely, y' = (y - lo) / (hi - lo), with lo, hi the training split's minimum
 and maximum (or `target_min`, `target_max` if both are set); training targets
 then span [0, 1] exactly, validation and test targets use the same map and
@@ -79,7 +80,8 @@ import numpy as np
 
 from g2d_jax import errors
 from g2d_jax.data import base
-from g2d_jax.data import cremad
+from g2d_jax.data import materialize
+from g2d_jax.data import media
 
 NAME = "misme"
 RECIPE_VERSION = 1
@@ -361,7 +363,7 @@ def unscale_targets(values, dataset_or_fingerprint) -> np.ndarray:
 
 def validate_config(cfg) -> None:
   """Raises ConfigError for a bad setting."""
-  cremad.check_common_config(cfg)
+  base.check_common_config(cfg)
   if cfg.target_scaling not in SCALINGS:
     raise errors.ConfigError(
         f"config.data.target_scaling={cfg.target_scaling!r} must be one of"
@@ -383,13 +385,13 @@ def load(cfg) -> base.MultimodalDataset:
   """
   validate_config(cfg)
   data_dir = base.resolve_data_dir(cfg.data_dir)
-  root = cremad.resolve_path(data_dir, cfg.subdir)
+  root = base.resolve_path(data_dir, cfg.subdir)
   if not os.path.isdir(root):
     raise errors.DataError(
         f"MIS-ME folder {root} is missing: put the images folder and the"
         " split tables there, or point config.data.data_dir / subdir at your"
         " copy")
-  image_dir = cremad.resolve_path(root, cfg.image_dir)
+  image_dir = base.resolve_path(root, cfg.image_dir)
   if not os.path.isdir(image_dir):
     raise errors.DataError(
         f"MIS-ME image folder {image_dir} is missing: set"
@@ -397,15 +399,15 @@ def load(cfg) -> base.MultimodalDataset:
   h = hashlib.sha256()
   tables = {}
   for s, field in TABLE_FIELDS.items():
-    path = cremad.resolve_path(root, cfg[field])
+    path = base.resolve_path(root, cfg[field])
     names, feats, targets = parse_table(path, cfg)
-    h.update(cremad.file_identity(path, root).encode())
+    h.update(base.file_identity(path, root).encode())
     keep = []
     for i, name in enumerate(names):
       p = os.path.join(image_dir, name)
       if os.path.exists(p):
         keep.append(i)
-        h.update(cremad.file_identity(p, root).encode())
+        h.update(base.file_identity(p, root).encode())
       elif not cfg.skip_missing_images:
         raise errors.DataError(
             f"{path}: image {p} is missing; restore it, or set"
@@ -428,25 +430,23 @@ def load(cfg) -> base.MultimodalDataset:
   plans, tabular = {}, {}
   for s in base.SPLIT_NAMES:
     names, feats, targets = tables[s]
-    n = len(cremad.cap(names, cfg.max_examples_per_split))
+    n = len(base.cap(names, cfg.max_examples_per_split))
     paths = [os.path.join(image_dir, x) for x in names[:n]]
     tabular[s] = apply_standardizer(feats[:n], fill, mean, scale)
-    plans[s] = cremad.SplitPlan(
-        readers={"image": cremad.Reader(
-            lambda i, paths=paths: cremad.load_rgb(paths[i], cfg.image_size),
+    plans[s] = materialize.SplitPlan(
+        readers={"image": materialize.Reader(
+            lambda i, paths=paths: media.load_rgb(paths[i], cfg.image_size),
             (cfg.image_size, cfg.image_size, 3), "uint8")},
         labels=((targets[:n] - lo) / (hi - lo)).astype(np.float32),
         ids=names[:n])
-  settings = {k: base.to_jsonable(v) for k, v in cfg.items()
-              if k not in NON_BUILD_FIELDS}
-  settings["recipe_version"] = RECIPE_VERSION
-  arrays, key = cremad.materialize(
+  settings = base.build_settings(cfg, NON_BUILD_FIELDS, RECIPE_VERSION)
+  arrays, key = materialize.materialize(
       NAME, plans, storage=cfg.storage, cache_dir=cfg.cache_dir,
       settings=settings, sources=h.hexdigest(), task="regression",
       build_threads=cfg.build_threads)
   splits = {
       s: base.Split(
-          inputs={"image": cremad.NormalizedImages(arrays[s]["image"],
+          inputs={"image": media.NormalizedImages(arrays[s]["image"],
                                                    IMAGE_MEAN, IMAGE_STD),
                   "tabular": tabular[s]},
           labels=plans[s].labels, scales={"image": 1.0, "tabular": 1.0})

@@ -134,7 +134,7 @@ def load(cfg) -> base.MultimodalDataset:
   names = modality_names(cfg.num_modalities)
   splits = {s: base.Split(inputs=x, labels=y, scales=dict.fromkeys(names, 1.0))
             for s, (x, y) in data.items()}
-  settings = {k: base.to_jsonable(v) for k, v in cfg.items() if k != "name"}
+  settings = base.build_settings(cfg)
   return base.MultimodalDataset(
       name=NAME, modalities=names, splits=splits,
       num_classes=cfg.num_classes if cfg.task == "classification" else 1,

@@ -80,7 +80,8 @@ import numpy as np
 
 from g2d_jax import errors
 from g2d_jax.data import base
-from g2d_jax.data import cremad
+from g2d_jax.data import materialize
+from g2d_jax.data import media
 
 NAME = "vggsound"
 RECIPE_VERSION = 1
@@ -146,11 +147,11 @@ class Sample:
 
 def validate_config(cfg) -> None:
   """Raises ConfigError for a bad setting."""
-  cremad.check_common_config(cfg)
-  if cfg.stft_pad_mode not in cremad.PAD_MODES:
+  base.check_common_config(cfg)
+  if cfg.stft_pad_mode not in media.PAD_MODES:
     raise errors.ConfigError(
         f"config.data.stft_pad_mode={cfg.stft_pad_mode!r} must be one of"
-        f" {cremad.PAD_MODES}")
+        f" {media.PAD_MODES}")
   if cfg.crop not in CROPS:
     raise errors.ConfigError(
         f"config.data.crop={cfg.crop!r} must be one of {CROPS}")
@@ -206,7 +207,7 @@ def read_clip_list(path: str) -> list[tuple[str, int, str, str]]:
 def root_dir(cfg) -> str:
   """`<data_dir>/<subdir>`, checked to exist."""
   data_dir = base.resolve_data_dir(cfg.data_dir)
-  root = cremad.resolve_path(data_dir, cfg.subdir)
+  root = base.resolve_path(data_dir, cfg.subdir)
   if not os.path.isdir(root):
     raise errors.DataError(
         f"VGGSound folder {root} is missing: put vggsound.csv, frames/ and"
@@ -225,10 +226,10 @@ def list_samples(cfg) -> tuple[dict[str, list[Sample]], list[str], str]:
     DataError: missing files, no kept sample, or train/test class mismatch.
   """
   root = root_dir(cfg)
-  csv_path = cremad.resolve_path(root, cfg.csv)
+  csv_path = base.resolve_path(root, cfg.csv)
   rows = read_clip_list(csv_path)
-  frames_root = cremad.resolve_path(root, cfg.frames_dir)
-  audio_root = cremad.resolve_path(root, cfg.audio_dir)
+  frames_root = base.resolve_path(root, cfg.frames_dir)
+  audio_root = base.resolve_path(root, cfg.audio_dir)
   for what, d, field in (("frames", frames_root, "frames_dir"),
                          ("audio", audio_root, "audio_dir")):
     if not os.path.isdir(d):
@@ -236,7 +237,7 @@ def list_samples(cfg) -> tuple[dict[str, list[Sample]], list[str], str]:
           f"VGGSound {what} folder {d} is missing: set config.data.{field}"
           " (relative to the VGGSound folder or absolute)")
   fps_dir = f"Image-{cfg.fps:02d}-FPS"
-  h = hashlib.sha256(cremad.file_identity(csv_path, root).encode())
+  h = hashlib.sha256(base.file_identity(csv_path, root).encode())
   kept = {s: [] for s in SPLITS_IN_CSV}
   dropped = {s: 0 for s in SPLITS_IN_CSV}
   other = 0
@@ -250,17 +251,17 @@ def list_samples(cfg) -> tuple[dict[str, list[Sample]], list[str], str]:
     if not (os.path.isdir(folder) and os.path.exists(wav)):
       dropped[split] += 1
       continue
-    names = cremad.list_frames(folder)
+    names = media.list_frames(folder)
     if len(names) < cfg.min_frames:
       dropped[split] += 1
       continue
-    chosen = cremad.official_frame_choice(len(names), cfg.num_frames,
+    chosen = media.official_frame_choice(len(names), cfg.num_frames,
                                           cfg.frame_seed)
     frames = tuple(os.path.join(folder, names[i]) for i in chosen)
-    h.update(cremad.file_identity(wav, root).encode())
+    h.update(base.file_identity(wav, root).encode())
     h.update("|".join(names).encode())
     for p in frames:
-      h.update(cremad.file_identity(p, root).encode())
+      h.update(base.file_identity(p, root).encode())
     kept[split].append((clip_id, label, wav, frames))
   logging.info("VGGSound %s: kept %s, dropped %s (missing files or <= %d"
                " frames), %d rows of other splits", csv_path,
@@ -302,12 +303,12 @@ def crop_start(clip_id: str, cfg) -> int:
 
 def spectrogram(wav_path: str, clip_id: str, cfg) -> np.ndarray:
   """The official VGGSound log spectrogram (fixed crop): float32 [F, T, 1]."""
-  x = cremad.read_wav_mono(wav_path, cfg.sample_rate)
+  x = media.load_audio(wav_path, cfg.sample_rate)
   while len(x) < cfg.sample_rate * cfg.min_seconds:
     x = np.tile(x, 2)
   start = crop_start(clip_id, cfg)
   x = np.clip(x[start:start + cfg.sample_rate * cfg.crop_seconds], -1.0, 1.0)
-  return cremad.log_stft(x, cfg.n_fft, cfg.hop_length,
+  return media.log_stft(x, cfg.n_fft, cfg.hop_length,
                          cfg.stft_pad_mode)[..., None]
 
 
@@ -319,10 +320,7 @@ def audio_shape(cfg) -> tuple[int, int, int]:
 
 def build_settings(cfg) -> dict:
   """Every setting that changes the samples (JSON-able)."""
-  settings = {k: base.to_jsonable(v) for k, v in cfg.items()
-              if k not in NON_BUILD_FIELDS}
-  settings["recipe_version"] = RECIPE_VERSION
-  return settings
+  return base.build_settings(cfg, NON_BUILD_FIELDS, RECIPE_VERSION)
 
 
 def load(cfg) -> base.MultimodalDataset:
@@ -335,41 +333,41 @@ def load(cfg) -> base.MultimodalDataset:
   validate_config(cfg)
   samples, classes, sources = list_samples(cfg)
   labels_train = np.array([x.label for x in samples["train"]], np.int32)
-  tr, va = cremad.carve_validation(labels_train, cfg.val_fraction,
+  tr, va = base.carve_validation(labels_train, cfg.val_fraction,
                                    cfg.val_seed)
   chosen = {"train": [samples["train"][i] for i in tr],
             "val": [samples["train"][i] for i in va],
             "test": samples["test"]}
-  chosen = {s: cremad.cap(v, cfg.max_examples_per_split)
+  chosen = {s: base.cap(v, cfg.max_examples_per_split)
             for s, v in chosen.items()}
   shape_v = (cfg.num_frames, cfg.image_size, cfg.image_size, 3)
   plans = {}
   for s in base.SPLIT_NAMES:
     items = chosen[s]
-    plans[s] = cremad.SplitPlan(
+    plans[s] = materialize.SplitPlan(
         readers={
-            "audio": cremad.Reader(
+            "audio": materialize.Reader(
                 lambda i, items=items: spectrogram(items[i].wav,
                                                    items[i].clip_id, cfg),
                 audio_shape(cfg), "float32"),
-            "visual": cremad.Reader(
-                lambda i, items=items: cremad.frames_array(items[i].frames,
+            "visual": materialize.Reader(
+                lambda i, items=items: media.frames_array(items[i].frames,
                                                            cfg.image_size),
                 shape_v, "uint8"),
         },
         labels=np.array([x.label for x in items], np.int32),
         ids=[x.clip_id for x in items])
   settings = build_settings(cfg)
-  arrays, key = cremad.materialize(
+  arrays, key = materialize.materialize(
       NAME, plans, storage=cfg.storage, cache_dir=cfg.cache_dir,
       settings=settings, sources=sources, task="classification",
       build_threads=cfg.build_threads)
   splits = {
       s: base.Split(
           inputs={"audio": arrays[s]["audio"],
-                  "visual": cremad.NormalizedImages(
-                      arrays[s]["visual"], cremad.IMAGENET_MEAN,
-                      cremad.IMAGENET_STD)},
+                  "visual": media.NormalizedImages(
+                      arrays[s]["visual"], media.IMAGENET_MEAN,
+                      media.IMAGENET_STD)},
           labels=plans[s].labels, scales={"audio": 1.0, "visual": 1.0})
       for s in base.SPLIT_NAMES}
   fingerprint = base.make_fingerprint(NAME, settings, splits,

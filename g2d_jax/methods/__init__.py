@@ -68,8 +68,8 @@ _MODULES = {
 TEACHER_ENSEMBLE = "ume"
 _ENSEMBLE_MODULE = "g2d_jax.methods.ume"
 
-# The optimizer each method's released code trains with (CREMA-D settings of
-# the reference notes); decay epochs are absolute, for 100-epoch protocols.
+# The optimizer each method's released code trains with (its CREMA-D
+# settings); decay epochs are absolute, for 100-epoch protocols.
 PROTOCOLS: dict[str, dict[str, Any]] = {
     "joint": dict(name="sgd", lr=1e-3, momentum=0.9, weight_decay=1e-4,
                   decay_epochs=(70,), decay_factor=0.1),

@@ -1,5 +1,5 @@
 """MLB, Multi-Loss Balanced (Kontras et al., "Improving Multimodal Learning
-with Multi-Loss Gradient Modulation", BMVC 2024; `papers/mlb_...md`).
+with Multi-Loss Gradient Modulation", BMVC 2024; code: kkontras/MLB).
 
 Objective (paper Eq. 3): `L = CE(fused) + sum_m CE(unimodal head_m)`, one
 backward pass. Per batch (Eq. 4-7):

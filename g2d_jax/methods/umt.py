@@ -4,10 +4,10 @@ frozen unimodal teachers into a late-fusion student, plus the fused
 objective: `L = L_S + alpha * sum_m MSE(f_s^m, f_t^m)` on the pooled encoder
 features, with the teachers' features from the precomputed cache.
 
-No official code exists (see the reference notes). The loss follows
-BalanceBenchmark's reimplementation and the G2D authors' feature-only KD
-preset (`aTF+vTF-to-mS`), which most likely served as the paper's UMT (the
-reference notes infer this; the code does not name it):
+The UMT authors released no code. The loss follows BalanceBenchmark's
+reimplementation and the G2D authors' feature-only KD preset
+(`aTF+vTF-to-mS` in rAIson-Lab/G2D), which most likely served as the
+paper's UMT (an inference: that code does not name it):
 `feature_reduction="mean"` is their `F.mse_loss` over all B x D elements and
 `alpha=1` their weight (BalanceBenchmark uses 10, for epochs 0-80).
 """

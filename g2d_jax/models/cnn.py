@@ -31,8 +31,9 @@ class SmallCNN(nn.Module):
   LeNet uses a 5x5 first conv, 3x3 convs after it, no conv bias (BN follows),
   and 2x2 max-pooling. `downsample="stride"` replaces conv + pool by a
   stride-2 conv, which is several times faster on CPU because XLA's max-pool
-  backward is slow there (`reference/perf_probe.md`, addendum). The final map
-  is averaged over space; MultiBench squeezes a 1x1 map, which is the same.
+  backward is slow there (`experiments/conv_kernels.py` times it). The final
+  map is averaged over space; MultiBench squeezes a 1x1 map, which is the
+  same.
 
   Attributes:
     channels: output channels of each conv layer.

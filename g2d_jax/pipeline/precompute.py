@@ -9,17 +9,16 @@ writes, per split and modality, index-aligned float32 arrays
     <workdir>/teacher_cache/<split>/<modality>.logits.npy     [N, C]
 
 and `manifest.json` (format version, teacher weight digests, the dataset
-fingerprint, shapes and dtypes). The directory is written under a temporary
-name and renamed when complete, so a crash never leaves a cache that looks
-valid. `load_cache` refuses a cache whose manifest does not match the data
-and teachers it is given.
+fingerprint, shapes and dtypes). It is a build-once cache
+(`data.materialize.build_once`): written under a temporary name and renamed
+when complete, so a crash never leaves a cache that looks valid, and
+rebuilt when its manifest no longer matches. `load_cache` refuses a cache
+whose manifest or arrays do not match the data and teachers it is given.
 """
 
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from typing import Any
 
 from absl import logging
@@ -28,8 +27,10 @@ import ml_collections
 import numpy as np
 
 from g2d_jax import artifacts
+from g2d_jax.data import materialize
 from g2d_jax.data.base import MultimodalDataset
 from g2d_jax.errors import CacheMismatchError
+from g2d_jax.errors import DataError
 from g2d_jax.pipeline import build
 from g2d_jax.pipeline import loader
 from g2d_jax.pipeline import mesh as mesh_lib
@@ -77,23 +78,15 @@ def teacher_outputs(model: Any, weights: Any, split: Any, batch_size: int,
 
 def run(config: ml_collections.ConfigDict, dataset: MultimodalDataset,
         workdir: str, mesh: jax.sharding.Mesh) -> dict[str, Any]:
-  """Writes the teacher cache unless an identical one exists; returns its manifest."""
+  """Writes the teacher cache unless an identical one exists; returns its
+  manifest."""
   digests = teachers_lib.teacher_digests(config, dataset, workdir)
   want = expected_manifest(dataset, digests)
   final = cache_dir(workdir)
-  manifest_path = os.path.join(final, "manifest.json")
-  if os.path.exists(manifest_path):
-    have = artifacts.read_json(manifest_path)
-    if {k: have.get(k) for k in want} == want:
-      logging.info("teacher cache at %s matches; skipping", final)
-      return have
-    logging.info("teacher cache at %s is stale; rebuilding", final)
 
-  loaded = {m: teachers_lib.load_teacher(config, dataset, workdir, m, mesh)
-            for m in dataset.modalities}
-  os.makedirs(workdir, exist_ok=True)
-  tmp = tempfile.mkdtemp(prefix="teacher_cache.tmp-", dir=workdir)
-  try:
+  def build_cache(tmp: str) -> dict[str, Any]:
+    loaded = {m: teachers_lib.load_teacher(config, dataset, workdir, m, mesh)
+              for m in dataset.modalities}
     shapes = {}
     for split_name, split in dataset.splits.items():
       os.makedirs(os.path.join(tmp, split_name))
@@ -117,30 +110,33 @@ def run(config: ml_collections.ConfigDict, dataset: MultimodalDataset,
         for a in arrays.values():
           a.flush()
         shapes[f"{split_name}/{m}"] = {k: [len(split), dims[k]] for k in KEYS}
-    manifest = dict(want, shapes=shapes, dtype="float32",
-                    devices=len(mesh.devices.flat))
-    artifacts.write_json(os.path.join(tmp, "manifest.json"), manifest)
-    if os.path.exists(final):
-      shutil.rmtree(final)
-    os.replace(tmp, final)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
-  return manifest
+    return dict(shapes=shapes, dtype="float32",
+                devices=len(mesh.devices.flat))
+
+  have = materialize.read_manifest(final)
+  if have is not None and have.get("complete") and all(
+      have.get(k) == v for k, v in want.items()):
+    logging.info("teacher cache at %s matches; skipping", final)
+    return have
+  if have is not None:
+    logging.info("teacher cache at %s is stale; rebuilding", final)
+  return materialize.build_once(final, want, build_cache,
+                                what="teacher cache", replace_stale=True)
 
 
 def load_cache(workdir: str, dataset: MultimodalDataset,
                teacher_digests: dict[str, str] | None
                ) -> dict[str, dict[str, dict[str, np.ndarray]]]:
   """{split: {modality: {"features", "logits"}}} memory-mapped, after checking
-  the manifest against this dataset (and these teachers, if given)."""
+  the manifest against this dataset (and these teachers, if given) and every
+  array against the manifest's shapes."""
   final = cache_dir(workdir)
-  path = os.path.join(final, "manifest.json")
-  if not os.path.exists(path):
+  fix = f"delete {final} and run --mode=precompute."
+  have = materialize.read_manifest(final)
+  if have is None or not have.get("complete"):
     raise CacheMismatchError(
-        f"no teacher cache at {final}; run --mode=precompute (or --mode=all) "
-        "first.")
-  have = artifacts.read_json(path)
+        f"no complete teacher cache at {final}; run --mode=precompute (or "
+        "--mode=all) first.")
   checks = {"format": FORMAT,
             "data": artifacts.plain(dataset.fingerprint),
             "splits": {s: len(dataset.splits[s]) for s in dataset.splits}}
@@ -153,19 +149,20 @@ def load_cache(workdir: str, dataset: MultimodalDataset,
           f"'{key}' differs ({_short(have.get(key))} vs expected "
           f"{_short(value)}). Delete {final} and run --mode=precompute.")
   out = {}
-  for split_name, split in dataset.splits.items():
+  for split_name in dataset.splits:
     out[split_name] = {}
     for m in dataset.modalities:
+      shapes = have.get("shapes", {}).get(f"{split_name}/{m}", {})
       out[split_name][m] = {}
       for key in KEYS:
-        arr = np.load(os.path.join(final, split_name, f"{m}.{key}.npy"),
-                      mmap_mode="r")
-        if arr.shape[0] != len(split):
+        path = os.path.join(final, split_name, f"{m}.{key}.npy")
+        try:
+          out[split_name][m][key] = materialize.open_array(
+              path, shapes.get(key, ()), np.float32, fix)
+        except DataError as e:
           raise CacheMismatchError(
-              f"{final}/{split_name}/{m}.{key}.npy has {arr.shape[0]} rows "
-              f"but the split has {len(split)}; delete {final} and run "
-              "--mode=precompute.")
-        out[split_name][m][key] = arr
+              f"the teacher cache at {final} does not match its manifest: "
+              f"{e}") from None
   return out
 
 
