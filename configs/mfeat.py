@@ -16,6 +16,7 @@ Presets: `two_views` (default), `three_views`, `smoke` (tests).
 import ml_collections
 
 from g2d_jax import data
+from g2d_jax.pipeline import presets
 from g2d_jax.pipeline.config import base_config
 from g2d_jax.pipeline.config import optimizer_config
 from g2d_jax.pipeline.config import train_config
@@ -24,10 +25,8 @@ PRESETS = ("two_views", "three_views", "smoke")
 
 
 def get_config(preset: str = "two_views") -> ml_collections.ConfigDict:
-  """The mfeat config for one preset."""
-  preset = preset or "two_views"
-  if preset not in PRESETS:
-    raise ValueError(f"unknown preset {preset!r}; choose one of {PRESETS}.")
+  """The mfeat config for `<preset>[,<method>]`."""
+  preset, method = presets.split_preset(preset, PRESETS)
   c = base_config()
   c.data = data.default_data_config("mfeat")
   views = ("pix", "fou", "kar") if preset == "three_views" else ("pix", "fou")
@@ -47,5 +46,4 @@ def get_config(preset: str = "two_views") -> ml_collections.ConfigDict:
     c.gating.taus = (epochs // 2,)
   c.eval.batch_size = 200
   c.log_every_steps = 50
-  c.lock()
-  return c
+  return presets.finish(c, method)

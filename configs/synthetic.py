@@ -16,6 +16,7 @@ Presets: `classification` (default), `regression`, `three` (3 modalities).
 import ml_collections
 
 from g2d_jax import data
+from g2d_jax.pipeline import presets
 from g2d_jax.pipeline.config import base_config
 from g2d_jax.pipeline.config import optimizer_config
 from g2d_jax.pipeline.config import train_config
@@ -24,10 +25,8 @@ PRESETS = ("classification", "regression", "three")
 
 
 def get_config(preset: str = "classification") -> ml_collections.ConfigDict:
-  """The synthetic-data config for one preset."""
-  preset = preset or "classification"
-  if preset not in PRESETS:
-    raise ValueError(f"unknown preset {preset!r}; choose one of {PRESETS}.")
+  """The synthetic-data config for `<preset>[,<method>]`."""
+  preset, method = presets.split_preset(preset, PRESETS)
   c = base_config()
   c.data = data.default_data_config("synthetic")
   if preset == "regression":
@@ -45,5 +44,4 @@ def get_config(preset: str = "classification") -> ml_collections.ConfigDict:
   c.gating.taus = (5, 5) if preset == "three" else (10,)
   c.eval.batch_size = 100
   c.log_every_steps = 40
-  c.lock()
-  return c
+  return presets.finish(c, method)

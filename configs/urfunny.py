@@ -6,22 +6,10 @@ $G2D_DATA_DIR/urfunny/humor.pkl (see g2d_jax/data/urfunny.py), then
   G2D_DATA_DIR=/path/to/data python -m g2d_jax.main \
       --config=configs/urfunny.py --workdir=runs/urfunny
 
-Encoders (paper A.4.1, after AGM): one Transformer per modality, the input
-features projected to the model width by a 1-D convolution (kernel 1, no
-bias), 4 layers, 8 heads, hidden 768, sinusoidal positions, mean pool over
-the steps (the pipeline passes no padding masks, so zero-padded steps take
-part, as in MultiBench and MulT). Three modalities: SMP trains the least
-confident modality for tau_1 epochs, then the next for tau_2, then all; the
-taus (75, 76) split the official 151-epoch window in two (the paper gives no
-per-stage values).
-
-Presets (`--config=configs/urfunny.py:<preset>[,<method>]`):
-
-  paper  (default) the paper's protocol: Transformer encoders of width 768,
-         late fusion, batch 16, SGD lr 1e-3 momentum 0.9 wd 1e-4, 300 epochs,
-         lr x0.1 at epoch 200, taus (75, 76). Needs a GPU.
-  small  a CPU run: width-32 two-layer Transformers, a few epochs; sized for a
-         2-core CPU.
+Presets `--config=configs/urfunny.py:<preset>[,<method>]`: `paper` (default;
+Transformer encoders of width 768, the official protocol, taus (75, 76);
+needs a GPU) and `small` (a 2-core CPU run). The protocol, shared with the
+other sequence dataset, is `g2d_jax.pipeline.presets.sequences`.
 """
 
 import ml_collections

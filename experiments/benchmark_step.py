@@ -73,7 +73,7 @@ def jax_worker() -> None:
   import numpy as np  # pylint: disable=g-import-not-at-top
   sys.path.insert(0, os.path.dirname(HERE))
   from configs import avmnist  # pylint: disable=g-import-not-at-top
-  from g2d_jax.data import base  # pylint: disable=g-import-not-at-top
+  from g2d_jax.data import synthetic  # pylint: disable=g-import-not-at-top
   from g2d_jax.pipeline import build  # pylint: disable=g-import-not-at-top
   from g2d_jax.pipeline import loader  # pylint: disable=g-import-not-at-top
   from g2d_jax.pipeline import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
@@ -84,15 +84,9 @@ def jax_worker() -> None:
   variants = {}
 
   def fake_dataset(n):
-    rng = np.random.default_rng(0)
-    split = lambda: base.Split(
-        inputs={"audio": rng.integers(0, 255, (n, 112, 112, 1), np.uint8),
-                "image": rng.integers(0, 255, (n, 28, 28, 1), np.uint8)},
-        labels=rng.integers(0, 10, n).astype(np.int32),
-        scales={"audio": 1 / 255, "image": 1 / 255})
-    splits = {"train": split(), "val": split(), "test": split()}
-    return base.MultimodalDataset("benchmark_random", ("audio", "image"),
-                                  splits, 10, "classification", {})
+    return synthetic.random_dataset(
+        n, {"audio": (112, 112, 1), "image": (28, 28, 1)}, 10,
+        "benchmark_random")
 
   def setup(v):
     cfg = avmnist.get_config(v["model"])

@@ -41,6 +41,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(
 # pylint: disable=g-import-not-at-top,wrong-import-position
 from configs import avmnist
 from g2d_jax.data import base
+from g2d_jax.data import synthetic
 from g2d_jax.pipeline import loader
 from g2d_jax.pipeline import mesh as mesh_lib
 from g2d_jax.pipeline import steps
@@ -63,15 +64,9 @@ TRAIN_EXAMPLES = 55000  # AV-MNIST's training split (steps per epoch for PMR)
 
 def fake_dataset(n: int) -> base.MultimodalDataset:
   """Random data with AV-MNIST's shapes, dtypes and scales."""
-  rng = np.random.default_rng(0)
-  split = lambda: base.Split(
-      inputs={"audio": rng.integers(0, 255, (n, 112, 112, 1), np.uint8),
-              "image": rng.integers(0, 255, (n, 28, 28, 1), np.uint8)},
-      labels=rng.integers(0, 10, n).astype(np.int32),
-      scales={"audio": 1 / 255, "image": 1 / 255})
-  return base.MultimodalDataset("random_avmnist_shapes", MODS,
-                                {"train": split(), "val": split(),
-                                 "test": split()}, 10, "classification", {})
+  return synthetic.random_dataset(
+      n, {"audio": (112, 112, 1), "image": (28, 28, 1)}, 10,
+      "random_avmnist_shapes")
 
 
 def make_variant(name: str, method_name: str, frozen: str | None,

@@ -52,6 +52,18 @@ def _plt():
   return plt
 
 
+
+def _style(ax):
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=8)
+
+
+def _save(plt, fig, out):
+  fig.tight_layout()
+  fig.savefig(out, dpi=110)
+  plt.close(fig)
+
+
 def _jsonl(path: str) -> list[dict]:
   if not os.path.exists(path):
     return []
@@ -137,11 +149,8 @@ def fig1(workdirs, runs, mods, out):
     ax.set_title(f"{name} accuracy (test)")
     ax.set_xlabel("epoch")
     ax.set_ylabel("%")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-  fig.tight_layout()
-  fig.savefig(out, dpi=110)
-  plt.close(fig)
+    _style(ax)
+  _save(plt, fig, out)
 
 
 def fig3(workdirs, run, mods, out):
@@ -168,13 +177,10 @@ def fig3(workdirs, run, mods, out):
   ax.set_xlabel("training step")
   ax.set_ylabel("teacher confidence (Eq. 5)")
   ax.set_ylim(0, 1)
-  ax.grid(alpha=0.3)
-  ax.legend(fontsize=8)
+  _style(ax)
   ax.set_title(f"teacher confidence per training batch ({run}, moving "
                f"average of {w})")
-  fig.tight_layout()
-  fig.savefig(out, dpi=110)
-  plt.close(fig)
+  _save(plt, fig, out)
 
 
 def fig5(workdirs, runs, mods, out):
@@ -190,11 +196,8 @@ def fig5(workdirs, runs, mods, out):
         print(f"  {run:8s} {m:6s} {np.nanmean(v[:, -1]):.3f}")
     ax.set_title(f"{m}: cosine(student, teacher) on val")
     ax.set_xlabel("epoch")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-  fig.tight_layout()
-  fig.savefig(out, dpi=110)
-  plt.close(fig)
+    _style(ax)
+  _save(plt, fig, out)
 
 
 def fig6(workdirs, runs, weak, out):
@@ -213,11 +216,8 @@ def fig6(workdirs, runs, weak, out):
   ax.axhline(1.0, color="gray", ls="--")
   ax.set_title(f"confidence ratio of {weak} (student / teacher)")
   ax.set_xlabel("epoch")
-  ax.grid(alpha=0.3)
-  ax.legend(fontsize=8)
-  fig.tight_layout()
-  fig.savefig(out, dpi=110)
-  plt.close(fig)
+  _style(ax)
+  _save(plt, fig, out)
 
 
 def student_features(workdir: str, run: str, n: int):
@@ -269,9 +269,7 @@ def fig4(workdirs, runs, out, n):
     ax.set_title(f"{run}: gap {gap:.3f}")
     ax.legend(markerscale=4, fontsize=8)
     print(f"  {run:8s} {gap:.3f}")
-  fig.tight_layout()
-  fig.savefig(out, dpi=110)
-  plt.close(fig)
+  _save(plt, fig, out)
 
 
 def main(argv):

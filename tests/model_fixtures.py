@@ -28,3 +28,31 @@ def host_variables(model, *args, seed=0, **kwargs):
     return jnp.asarray(values, leaf.dtype)
 
   return jax.tree_util.tree_map_with_path(fill, abstract)
+
+
+def assert_batch_stats_move_in_train_mode_only(model, inputs):
+  """Every BatchNorm statistic changes in a train-mode pass and none in an
+  inference-mode pass."""
+  variables = host_variables(model, inputs, train=False)
+  apply = jax.jit(model.apply, static_argnames=("train", "mutable"))
+  for train, moved in ((True, True), (False, False)):
+    _, state = apply(variables, inputs, train=train, mutable=("batch_stats",))
+    changed = jax.tree.map(lambda a, b: bool(jnp.all(a != b)),
+                           variables["batch_stats"], state["batch_stats"])
+    unchanged = jax.tree.map(lambda a, b: bool(jnp.all(a == b)),
+                             variables["batch_stats"], state["batch_stats"])
+    assert all(jax.tree.leaves(changed if moved else unchanged)), train
+
+
+def modules_created(fn):
+  """The Flax modules whose methods run while `fn()` runs."""
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  seen = []
+
+  def record(next_fun, args, kwargs, context):
+    seen.append(context.module)
+    return next_fun(*args, **kwargs)
+
+  with nn.intercept_methods(record):
+    fn()
+  return seen

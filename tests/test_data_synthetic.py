@@ -86,3 +86,16 @@ def test_bad_config():
   with pytest.raises(errors.ConfigError, match="signal has 1 entries but"
                      " num_modalities=2"):
     synthetic.load(cfg)
+
+
+def test_random_dataset_has_the_shapes_and_a_random_name():
+  ds = synthetic.random_dataset(5, {"a": (3, 2), "b": (4,)}, 7, "random_x")
+  assert ds.name == "random_x" and ds.modalities == ("a", "b")
+  for s in ("train", "val", "test"):
+    split = ds.splits[s]
+    assert split.inputs["a"].shape == (5, 3, 2)
+    assert split.inputs["b"].dtype == np.uint8
+    assert split.labels.min() >= 0 and split.labels.max() < 7
+  b = ds.splits["train"].batch(np.arange(2))
+  np.testing.assert_allclose(b["a"], ds.splits["train"].inputs["a"][:2] / 255,
+                             rtol=1e-6)

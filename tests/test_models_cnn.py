@@ -13,6 +13,7 @@ import pytest
 
 from g2d_jax.errors import ConfigError
 from g2d_jax.models import MLP, SmallCNN, lenet_channels
+from tests import model_fixtures
 from tests.model_fixtures import host_variables
 
 
@@ -98,16 +99,7 @@ def test_invalid_configs_raise_config_error_at_construction():
 def test_cnn_batch_stats_change_in_train_mode_only():
   model = SmallCNN(channels=(4, 8), downsample="stride")
   x = np.random.default_rng(0).normal(size=(4, 8, 8, 1)).astype(np.float32)
-  variables = host_variables(model, x, train=False)
-  apply = jax.jit(model.apply, static_argnames=("train", "mutable"))
-  _, state = apply(variables, x, train=True, mutable=("batch_stats",))
-  changed = jax.tree.map(lambda a, b: bool(jnp.all(a != b)),
-                         variables["batch_stats"], state["batch_stats"])
-  assert all(jax.tree.leaves(changed))
-  _, state = apply(variables, x, train=False, mutable=("batch_stats",))
-  same = jax.tree.map(lambda a, b: bool(jnp.all(a == b)),
-                      variables["batch_stats"], state["batch_stats"])
-  assert all(jax.tree.leaves(same))
+  model_fixtures.assert_batch_stats_move_in_train_mode_only(model, x)
 
 
 def test_mlp_shapes_and_flattening():

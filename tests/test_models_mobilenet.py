@@ -10,6 +10,7 @@ import pytest
 
 from g2d_jax.models import MobileNetV2, conv_kernel_init
 from g2d_jax.models.mobilenet import InvertedResidual, make_divisible
+from tests import model_fixtures
 
 
 def _count(tree) -> int:
@@ -92,14 +93,8 @@ def test_residual_only_when_shape_is_kept():
 
 
 def test_convs_use_kaiming_fan_out_without_bias():
-  seen = []
-
-  def record(next_fun, args, kwargs, context):
-    seen.append(context.module)
-    return next_fun(*args, **kwargs)
-
-  with nn.intercept_methods(record):
-    _abstract(MobileNetV2(width_multiplier=0.5), (1, 32, 32, 3))
+  seen = model_fixtures.modules_created(
+      lambda: _abstract(MobileNetV2(width_multiplier=0.5), (1, 32, 32, 3)))
   convs = [m for m in seen if isinstance(m, nn.Conv)]
   assert len(convs) == 1 + 17 * 3 - 1 + 1    # stem, blocks, last 1x1 conv
   assert all(c.kernel_init is conv_kernel_init and not c.use_bias

@@ -17,6 +17,7 @@ from g2d_jax.errors import ConfigError, DataError
 from g2d_jax.models import (FUSIONS, MLP, MultimodalModel, MultimodalOutput,
                             SmallCNN, TransformerEncoder, UnimodalModel,
                             make_encoder, make_multimodal, make_unimodal)
+from tests import model_fixtures
 from tests.model_fixtures import host_variables
 
 B = 4
@@ -197,17 +198,8 @@ def test_mixed_encoders_with_sequence_masks():
 def test_batch_stats_update_in_train_mode_only():
   names = ("audio", "video")
   model = MultimodalModel(encoders={m: _cnn() for m in names}, num_outputs=3)
-  inputs = _images(names)
-  variables = host_variables(model, inputs, train=False)
-  apply = jax.jit(model.apply, static_argnames=("train", "mutable"))
-  _, state = apply(variables, inputs, train=True, mutable=("batch_stats",))
-  changed = jax.tree.map(lambda a, b: bool(jnp.all(a != b)),
-                         variables["batch_stats"], state["batch_stats"])
-  assert all(jax.tree.leaves(changed))
-  _, state = apply(variables, inputs, train=False, mutable=("batch_stats",))
-  same = jax.tree.map(lambda a, b: bool(jnp.all(a == b)),
-                      variables["batch_stats"], state["batch_stats"])
-  assert all(jax.tree.leaves(same))
+  model_fixtures.assert_batch_stats_move_in_train_mode_only(
+      model, _images(names))
 
 
 def test_jit_and_eager_agree():

@@ -17,6 +17,7 @@ import pytest
 from g2d_jax.models import conv as conv_lib
 from g2d_jax.models import ResNet18, conv_kernel_init
 from g2d_jax.models import initializers as inits
+from tests import model_fixtures
 from tests.model_fixtures import host_variables
 
 
@@ -141,14 +142,8 @@ def test_batch_stats_untouched_in_eval_mode(video_variables, video_eval):
 
 
 def test_layers_use_official_initialisers_and_batch_norm_settings():
-  seen = []
-
-  def record(next_fun, args, kwargs, context):
-    seen.append(context.module)
-    return next_fun(*args, **kwargs)
-
-  with nn.intercept_methods(record):
-    _abstract_init(ResNet18(), (1, 32, 32, 1))
+  seen = model_fixtures.modules_created(
+      lambda: _abstract_init(ResNet18(), (1, 32, 32, 1)))
   convs = [m for m in seen if isinstance(m, (nn.Conv, conv_lib.Conv))]
   norms = [m for m in seen if isinstance(m, nn.BatchNorm)]
   assert len(convs) == 20 and len(norms) == 20

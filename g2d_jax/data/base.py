@@ -14,8 +14,11 @@ from typing import Any
 
 import numpy as np
 
+import ml_collections
+
 from g2d_jax import artifacts
 from g2d_jax import errors
+from g2d_jax.data import media
 
 SPLIT_NAMES = ("train", "val", "test")
 TASKS = ("classification", "regression")
@@ -146,6 +149,38 @@ def make_fingerprint(name: str, settings: dict[str, Any],
   }
 
 
+# Fields of a user dataset's config (`user_data_config`) that say where the
+# data is and how it is kept, not what the samples are.
+LOCATION_FIELDS = ("name", "data_dir", "subdir", "cache_dir", "storage",
+                   "build_threads")
+
+
+def user_data_config(name: str, *, val_fraction: float | None = None
+                     ) -> ml_collections.ConfigDict:
+  """The fields every loader of a user-provided dataset (CREMA-D, VGGSound,
+  MIS-ME) has; the loader adds its own after them."""
+  cfg = ml_collections.ConfigDict()
+  cfg.name = name
+  # Folder holding `subdir`; empty means the G2D_DATA_DIR variable.
+  cfg.data_dir = ""
+  cfg.subdir = name
+  # "cache": build once into a memory-mapped cache; "on_demand": compute a
+  # sample when it is read. Both give identical values.
+  cfg.storage = "cache"
+  # Root of the built-array cache; empty means $G2D_CACHE_DIR, else
+  # ~/.cache/g2d_jax.
+  cfg.cache_dir = ""
+  # Threads used to build the cache (0: min(8, CPU count)); speed only.
+  cfg.build_threads = 0
+  if val_fraction is not None:
+    # Validation = this fraction of each class's kept training rows.
+    cfg.val_fraction = val_fraction
+    cfg.val_seed = 0
+  # If > 0, keep only the first N samples of each split (tests, smoke runs).
+  cfg.max_examples_per_split = 0
+  return cfg
+
+
 def build_settings(cfg, exclude: tuple[str, ...] = ("name",),
                    recipe_version: int | None = None) -> dict[str, Any]:
   """Every setting of a data config that changes the samples (JSON-able):
@@ -230,6 +265,33 @@ def resolve_path(root: str, name: str) -> str:
   return os.path.join(root, os.path.expanduser(name))
 
 
+def dataset_root(cfg, label: str, contents: str) -> str:
+  """`<data_dir>/<subdir>` of a user dataset, checked to exist.
+
+  Args:
+    cfg: the data config (`data_dir`, `subdir`).
+    label: the dataset's name in messages ("CREMA-D").
+    contents: what the folder should hold, for the message.
+  """
+  root = resolve_path(resolve_data_dir(cfg.data_dir), cfg.subdir)
+  if not os.path.isdir(root):
+    raise errors.DataError(
+        f"{label} folder {root} is missing: put {contents} there, or point"
+        " config.data.data_dir / config.data.subdir at your copy")
+  return root
+
+
+def media_folder(root: str, cfg, field: str, label: str) -> str:
+  """The folder `config.data.<field>` names (relative to `root`), checked
+  to exist; `label` names it in the message ("CREMA-D audio")."""
+  folder = resolve_path(root, cfg[field])
+  if not os.path.isdir(folder):
+    raise errors.DataError(
+        f"{label} folder {folder} is missing: set config.data.{field} to the"
+        " folder (relative to the dataset folder or absolute)")
+  return folder
+
+
 def file_identity(path: str, root: str) -> str:
   """`relative path|size|mtime_ns` of a source file (for cache keys)."""
   st = os.stat(path)
@@ -283,3 +345,8 @@ def check_common_config(cfg) -> None:
   if "image_size" in cfg and cfg.image_size < 1:
     raise errors.ConfigError(
         f"config.data.image_size={cfg.image_size} must be >= 1")
+  if "stft_pad_mode" in cfg and cfg.stft_pad_mode not in media.PAD_MODES:
+    raise errors.ConfigError(
+        f"config.data.stft_pad_mode={cfg.stft_pad_mode!r} must be one of"
+        f" {media.PAD_MODES} (librosa >= 0.10 pads with zeros, older versions"
+        " reflect)")

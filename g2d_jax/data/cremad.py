@@ -76,7 +76,6 @@ The media helpers (`data.media`) and the build-once cache
 from __future__ import annotations
 
 import csv
-import dataclasses
 import hashlib
 import math
 import os
@@ -87,48 +86,30 @@ import numpy as np
 
 from g2d_jax import errors
 from g2d_jax.data import base
-from g2d_jax.data import materialize
+from g2d_jax.data import clips
 from g2d_jax.data import media
 
 NAME = "cremad"
 # Bump whenever the code changes the built bytes, so stale caches are rebuilt.
 RECIPE_VERSION = 1
-MODALITIES = ("audio", "visual")
+MODALITIES = clips.MODALITIES
 CLASSES = ("NEU", "HAP", "SAD", "FEA", "DIS", "ANG")
 NUM_CLASSES = len(CLASSES)
 
 # Fields that do not change the samples (not part of the key / fingerprint).
-NON_BUILD_FIELDS = ("name", "data_dir", "subdir", "cache_dir", "storage",
-                    "build_threads", "train_csv", "test_csv", "audio_dir",
-                    "visual_dir")
+NON_BUILD_FIELDS = base.LOCATION_FIELDS + ("train_csv", "test_csv",
+                                           "audio_dir", "visual_dir")
 
 
 def default_config() -> ml_collections.ConfigDict:
   """Settings of the CREMA-D loader (official G2D recipe by default)."""
-  cfg = ml_collections.ConfigDict()
-  cfg.name = NAME
-  # Folder holding `subdir`; empty means the G2D_DATA_DIR variable.
-  cfg.data_dir = ""
-  cfg.subdir = "cremad"
+  cfg = base.user_data_config(NAME, val_fraction=0.1)
   # Split files and media folders, relative to <data_dir>/<subdir> or
   # absolute.
   cfg.train_csv = "train.csv"
   cfg.test_csv = "test.csv"
   cfg.audio_dir = "AudioWAV"
   cfg.visual_dir = "Image-01-FPS"
-  # "cache": build once into a memory-mapped cache; "on_demand": compute a
-  # sample when it is read. Both give identical values.
-  cfg.storage = "cache"
-  # Root of the built-array cache; empty means $G2D_CACHE_DIR, else
-  # ~/.cache/g2d_jax.
-  cfg.cache_dir = ""
-  # Threads used to build the cache (0: min(8, CPU count)); speed only.
-  cfg.build_threads = 0
-  # Validation = this fraction of each class's kept train.csv rows.
-  cfg.val_fraction = 0.1
-  cfg.val_seed = 0
-  # If > 0, keep only the first N samples of each split (tests, smoke runs).
-  cfg.max_examples_per_split = 0
 
   # --- audio (official values) ---
   cfg.sample_rate = 22050
@@ -153,39 +134,13 @@ def default_config() -> ml_collections.ConfigDict:
 # CREMA-D.
 
 
-@dataclasses.dataclass(frozen=True)
-class Sample:
-  """One kept CREMA-D clip: id, label, wav path and chosen frame paths."""
-  clip_id: str
-  label: int
-  wav: str
-  frames: tuple[str, ...]
-
-
 def validate_config(cfg) -> None:
   """Raises ConfigError for a bad setting."""
   base.check_common_config(cfg)
-  if cfg.stft_pad_mode not in media.PAD_MODES:
-    raise errors.ConfigError(
-        f"config.data.stft_pad_mode={cfg.stft_pad_mode!r} must be one of"
-        f" {media.PAD_MODES} (librosa >= 0.10 pads with zeros, older versions"
-        " reflect)")
   for field in ("sample_rate", "num_samples", "n_fft", "hop_length",
                 "num_frames"):
     if cfg[field] < 1:
       raise errors.ConfigError(f"config.data.{field}={cfg[field]} must be >= 1")
-
-
-def root_dir(cfg) -> str:
-  """`<data_dir>/<subdir>`, checked to exist."""
-  data_dir = base.resolve_data_dir(cfg.data_dir)
-  root = base.resolve_path(data_dir, cfg.subdir)
-  if not os.path.isdir(root):
-    raise errors.DataError(
-        f"CREMA-D folder {root} is missing: put train.csv, test.csv,"
-        f" {cfg.audio_dir}/ and {cfg.visual_dir}/ there, or point"
-        " config.data.data_dir / config.data.subdir at your copy")
-  return root
 
 
 def read_split_csv(path: str) -> list[tuple[str, int]]:
@@ -221,7 +176,7 @@ def read_split_csv(path: str) -> list[tuple[str, int]]:
   return rows
 
 
-def list_samples(cfg) -> tuple[dict[str, list[Sample]], str]:
+def list_samples(cfg) -> tuple[dict[str, list[clips.Clip]], str]:
   """Kept samples of train.csv ("train") and test.csv ("test").
 
   Returns:
@@ -231,15 +186,10 @@ def list_samples(cfg) -> tuple[dict[str, list[Sample]], str]:
     DataError: a split file or media folder is missing, an empty frame
       folder (unless skipped), or no sample of a split has both files.
   """
-  root = root_dir(cfg)
-  audio_dir = base.resolve_path(root, cfg.audio_dir)
-  visual_dir = base.resolve_path(root, cfg.visual_dir)
-  for what, d, field in (("audio", audio_dir, "audio_dir"),
-                         ("frame", visual_dir, "visual_dir")):
-    if not os.path.isdir(d):
-      raise errors.DataError(
-          f"CREMA-D {what} folder {d} is missing: set config.data.{field} to"
-          " the folder (relative to the CREMA-D folder or absolute)")
+  root = base.dataset_root(cfg, "CREMA-D", f"train.csv, test.csv,"
+                           f" {cfg.audio_dir}/ and {cfg.visual_dir}/")
+  audio_dir = base.media_folder(root, cfg, "audio_dir", "CREMA-D audio")
+  visual_dir = base.media_folder(root, cfg, "visual_dir", "CREMA-D frame")
   h = hashlib.sha256()
   out = {}
   for part, csv_name in (("train", cfg.train_csv), ("test", cfg.test_csv)):
@@ -264,12 +214,10 @@ def list_samples(cfg) -> tuple[dict[str, list[Sample]], str]:
             " config.data.skip_empty_frame_folders=True to drop such clips")
       chosen = media.official_frame_choice(len(names), cfg.num_frames,
                                            cfg.frame_seed)
-      frames = tuple(os.path.join(folder, names[i]) for i in chosen)
-      h.update(base.file_identity(wav, root).encode())
-      h.update(("|".join(names)).encode())
-      for p in frames:
-        h.update(base.file_identity(p, root).encode())
-      kept.append(Sample(clip_id, label, wav, frames))
+      clip = clips.Clip(clip_id, label, wav, tuple(
+          os.path.join(folder, names[i]) for i in chosen))
+      clips.clip_identity(h, clip, names, root)
+      kept.append(clip)
     if missing or empty:
       logging.info("CREMA-D %s: kept %d of %d rows (%d without wav or frame"
                    " folder, %d with too few frames)", csv_name, len(kept),
@@ -313,47 +261,6 @@ def load(cfg) -> base.MultimodalDataset:
   """
   validate_config(cfg)
   samples, sources = list_samples(cfg)
-  labels_train = np.array([x.label for x in samples["train"]], np.int32)
-  tr, va = base.carve_validation(labels_train, cfg.val_fraction,
-                                 cfg.val_seed)
-  chosen = {"train": [samples["train"][i] for i in tr],
-            "val": [samples["train"][i] for i in va],
-            "test": samples["test"]}
-  chosen = {s: base.cap(v, cfg.max_examples_per_split)
-            for s, v in chosen.items()}
-  shape_a = audio_shape(cfg)
-  shape_v = (cfg.num_frames, cfg.image_size, cfg.image_size, 3)
-  plans = {}
-  for s in base.SPLIT_NAMES:
-    items = chosen[s]
-    plans[s] = materialize.SplitPlan(
-        readers={
-            "audio": materialize.Reader(
-                lambda i, items=items: spectrogram(items[i].wav, cfg),
-                shape_a, "float32"),
-            "visual": materialize.Reader(
-                lambda i, items=items: media.frames_array(
-                    items[i].frames, cfg.image_size), shape_v, "uint8"),
-        },
-        labels=np.array([x.label for x in items], np.int32),
-        ids=[x.clip_id for x in items])
-  settings = build_settings(cfg)
-  arrays, key = materialize.materialize(
-      NAME, plans, storage=cfg.storage, cache_dir=cfg.cache_dir,
-      settings=settings, sources=sources, task="classification",
-      build_threads=cfg.build_threads)
-  splits = {
-      s: base.Split(
-          inputs={"audio": arrays[s]["audio"],
-                  "visual": media.NormalizedImages(
-                      arrays[s]["visual"], media.IMAGENET_MEAN,
-                      media.IMAGENET_STD)},
-          labels=plans[s].labels, scales={"audio": 1.0, "visual": 1.0})
-      for s in base.SPLIT_NAMES}
-  fingerprint = base.make_fingerprint(NAME, settings, splits,
-                                      "classification")
-  fingerprint["sources"] = sources
-  fingerprint["build_key"] = key
-  return base.MultimodalDataset(
-      name=NAME, modalities=MODALITIES, splits=splits,
-      num_classes=NUM_CLASSES, task="classification", fingerprint=fingerprint)
+  return clips.load_clips(
+      NAME, cfg, samples, sources, lambda c: spectrogram(c.wav, cfg),
+      audio_shape(cfg), NUM_CLASSES, build_settings(cfg))

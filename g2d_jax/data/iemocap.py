@@ -63,27 +63,15 @@ LABEL_MODES = ("emotion",) + EMOTIONS
 
 def default_config() -> ml_collections.ConfigDict:
   """Settings of the IEMOCAP reader (MulT conventions by default)."""
-  cfg = ml_collections.ConfigDict()
-  cfg.name = NAME
-  # Folder holding `path`; empty means the G2D_DATA_DIR variable.
-  cfg.data_dir = ""
-  # The MulT pickle, relative to data_dir or absolute.
-  cfg.path = os.path.join("iemocap", "iemocap_data.pkl")
+  cfg = sequences.sequence_config(
+      NAME, os.path.join("iemocap", "iemocap_data.pkl"), seq_len=20,
+      align="none", pad_side="front", drop_empty_text=False)
   # "emotion" (4-way) or one of neutral/happy/sad/angry (binary).
   cfg.label_mode = "emotion"
   # Drop utterances without exactly one present emotion ("emotion" mode).
   cfg.drop_ambiguous = False
   # Classes of files that store integer class ids ("emotion" mode).
   cfg.num_classes = 4
-  # Sequence handling (see g2d_jax/data/sequences.py).
-  cfg.seq_len = 20
-  cfg.seq_len_audio = 0
-  cfg.seq_len_visual = 0
-  cfg.seq_len_text = 0
-  cfg.align = "none"
-  cfg.pad_side = "front"
-  cfg.drop_empty_text = False
-  cfg.standardize = False
   return cfg
 
 

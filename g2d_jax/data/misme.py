@@ -95,9 +95,8 @@ SCALINGS = ("minmax", "none")
 TABLE_FIELDS = {"train": "train_table", "val": "val_table",
                 "test": "test_table"}
 
-NON_BUILD_FIELDS = ("name", "data_dir", "subdir", "cache_dir", "storage",
-                    "build_threads", "image_dir", "train_table", "val_table",
-                    "test_table")
+NON_BUILD_FIELDS = base.LOCATION_FIELDS + ("image_dir", "train_table",
+                                           "val_table", "test_table")
 
 _XLSX_MAIN = "http://schemas.openxmlformats.org/spreadsheetml/2006/main"
 _XLSX_REL = ("http://schemas.openxmlformats.org/officeDocument/2006/"
@@ -107,11 +106,7 @@ _PKG_REL = "http://schemas.openxmlformats.org/package/2006/relationships"
 
 def default_config() -> ml_collections.ConfigDict:
   """Settings of the MIS-ME loader (official preprocessing by default)."""
-  cfg = ml_collections.ConfigDict()
-  cfg.name = NAME
-  # Folder holding `subdir`; empty means the G2D_DATA_DIR variable.
-  cfg.data_dir = ""
-  cfg.subdir = "misme"
+  cfg = base.user_data_config(NAME)
   # Image folder and split tables (.xlsx or .csv), relative to
   # <data_dir>/<subdir> or absolute.
   cfg.image_dir = "images"
@@ -122,11 +117,6 @@ def default_config() -> ml_collections.ConfigDict:
   cfg.image_column = "image"
   cfg.target_column = "vwc"
   cfg.feature_columns = FEATURE_COLUMNS
-  # "cache" (memory-mapped build of the resized images) or "on_demand".
-  cfg.storage = "cache"
-  cfg.cache_dir = ""
-  cfg.build_threads = 0
-  cfg.max_examples_per_split = 0
   cfg.image_size = 224
   cfg.skip_missing_images = False
   # Target map to [0, 1]: "minmax" (train min/max, or target_min/max if both
@@ -384,18 +374,9 @@ def load(cfg) -> base.MultimodalDataset:
     DataError: missing or malformed tables or images.
   """
   validate_config(cfg)
-  data_dir = base.resolve_data_dir(cfg.data_dir)
-  root = base.resolve_path(data_dir, cfg.subdir)
-  if not os.path.isdir(root):
-    raise errors.DataError(
-        f"MIS-ME folder {root} is missing: put the images folder and the"
-        " split tables there, or point config.data.data_dir / subdir at your"
-        " copy")
-  image_dir = base.resolve_path(root, cfg.image_dir)
-  if not os.path.isdir(image_dir):
-    raise errors.DataError(
-        f"MIS-ME image folder {image_dir} is missing: set"
-        " config.data.image_dir")
+  root = base.dataset_root(cfg, "MIS-ME",
+                           "the images folder and the split tables")
+  image_dir = base.media_folder(root, cfg, "image_dir", "MIS-ME image")
   h = hashlib.sha256()
   tables = {}
   for s, field in TABLE_FIELDS.items():

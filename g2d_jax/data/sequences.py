@@ -18,6 +18,7 @@ from collections.abc import Callable
 from typing import Any
 
 from absl import logging
+import ml_collections
 import numpy as np
 
 from g2d_jax import errors
@@ -30,6 +31,33 @@ PICKLE_KEYS = {"audio": "audio", "visual": "vision", "text": "text"}
 SPLIT_KEYS = {"train": "train", "val": "valid", "test": "test"}
 ALIGNS = ("text", "per_modality", "none")
 PAD_SIDES = ("back", "front")
+
+def sequence_config(name: str, path: str, *, seq_len: int, align: str,
+                    pad_side: str, drop_empty_text: bool
+                    ) -> ml_collections.ConfigDict:
+  """The data config fields of a sequence dataset (`prepare_sequences`)."""
+  cfg = ml_collections.ConfigDict()
+  cfg.name = name
+  # Folder holding `path`; empty means the G2D_DATA_DIR variable.
+  cfg.data_dir = ""
+  # The feature pickle, relative to data_dir or absolute.
+  cfg.path = path
+  # Steps per sequence after removing the leading padding (all modalities);
+  # seq_len_<modality> > 0 overrides it for one modality.
+  cfg.seq_len = seq_len
+  cfg.seq_len_audio = 0
+  cfg.seq_len_visual = 0
+  cfg.seq_len_text = 0
+  # Where the leading zero padding ends: "text", "per_modality" or "none".
+  cfg.align = align
+  # Zero padding after ("back", MultiBench max_pad) or before ("front").
+  cfg.pad_side = pad_side
+  # Drop samples without text features (MultiBench drop_entry).
+  cfg.drop_empty_text = drop_empty_text
+  # Standardise each feature with training statistics of the valid steps.
+  cfg.standardize = False
+  return cfg
+
 
 # Globals a feature pickle may reference: NumPy array reconstruction and
 # plain containers (protocol 2 pickles of Python 2 use _codecs.encode for

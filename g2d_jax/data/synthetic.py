@@ -140,3 +140,23 @@ def load(cfg) -> base.MultimodalDataset:
       num_classes=cfg.num_classes if cfg.task == "classification" else 1,
       task=cfg.task,
       fingerprint=base.make_fingerprint(NAME, settings, splits, cfg.task))
+
+
+def random_dataset(n: int, shapes: dict[str, tuple[int, ...]],
+                   num_classes: int, name: str = "random",
+                   seed: int = 0) -> base.MultimodalDataset:
+  """Uniform random uint8 inputs (scale 1/255) and labels of the given
+  shapes, n per split: data with a real dataset's shapes for benchmarks,
+  never for accuracy (its name says "random")."""
+  rng = np.random.default_rng(seed)
+
+  def split():
+    return base.Split(
+        inputs={m: rng.integers(0, 255, (n, *s), np.uint8)
+                for m, s in shapes.items()},
+        labels=rng.integers(0, num_classes, n).astype(np.int32),
+        scales=dict.fromkeys(shapes, 1 / 255))
+
+  splits = {s: split() for s in base.SPLIT_NAMES}
+  return base.MultimodalDataset(name, tuple(shapes), splits, num_classes,
+                                "classification", {})

@@ -72,27 +72,9 @@ NUM_CLASSES = 2
 
 def default_config() -> ml_collections.ConfigDict:
   """Settings of the UR-Funny reader (MultiBench conventions by default)."""
-  cfg = ml_collections.ConfigDict()
-  cfg.name = NAME
-  # Folder holding `path`; empty means the G2D_DATA_DIR variable.
-  cfg.data_dir = ""
-  # The MultiBench pickle, relative to data_dir or absolute.
-  cfg.path = os.path.join("urfunny", "humor.pkl")
-  # Steps per sequence after removing the leading padding (all modalities);
-  # seq_len_<modality> > 0 overrides it for one modality.
-  cfg.seq_len = 50
-  cfg.seq_len_audio = 0
-  cfg.seq_len_visual = 0
-  cfg.seq_len_text = 0
-  # Where the leading zero padding ends: "text", "per_modality" or "none".
-  cfg.align = "text"
-  # Zero padding after ("back", MultiBench max_pad) or before ("front").
-  cfg.pad_side = "back"
-  # Drop samples without text features (MultiBench drop_entry).
-  cfg.drop_empty_text = True
-  # Standardise each feature with training statistics of the valid steps.
-  cfg.standardize = False
-  return cfg
+  return sequences.sequence_config(
+      NAME, os.path.join("urfunny", "humor.pkl"), seq_len=50, align="text",
+      pad_side="back", drop_empty_text=True)
 
 
 def binary_labels(labels: np.ndarray, path: str, split_key: str) -> np.ndarray:

@@ -70,7 +70,6 @@ Deviations from the official code:
 from __future__ import annotations
 
 import csv
-import dataclasses
 import hashlib
 import os
 
@@ -80,40 +79,27 @@ import numpy as np
 
 from g2d_jax import errors
 from g2d_jax.data import base
-from g2d_jax.data import materialize
+from g2d_jax.data import clips
 from g2d_jax.data import media
 
 NAME = "vggsound"
 RECIPE_VERSION = 1
-MODALITIES = ("audio", "visual")
+MODALITIES = clips.MODALITIES
 SPLITS_IN_CSV = ("train", "test")
 CROPS = ("center", "start", "seeded")
 HEADER = ("youtube_id", "time", "label", "split")
 
-NON_BUILD_FIELDS = ("name", "data_dir", "subdir", "cache_dir", "storage",
-                    "build_threads", "csv", "frames_dir", "audio_dir")
+NON_BUILD_FIELDS = base.LOCATION_FIELDS + ("csv", "frames_dir", "audio_dir")
 
 
 def default_config() -> ml_collections.ConfigDict:
   """Settings of the VGGSound loader (official G2D recipe by default)."""
-  cfg = ml_collections.ConfigDict()
-  cfg.name = NAME
-  # Folder holding `subdir`; empty means the G2D_DATA_DIR variable.
-  cfg.data_dir = ""
-  cfg.subdir = "vggsound"
+  cfg = base.user_data_config(NAME, val_fraction=0.05)
   # The clip list and media folders, relative to <data_dir>/<subdir> or
   # absolute.
   cfg.csv = "vggsound.csv"
   cfg.frames_dir = "frames"
   cfg.audio_dir = "audio"
-  # "cache" (memory-mapped build) or "on_demand"; identical values.
-  cfg.storage = "cache"
-  cfg.cache_dir = ""
-  cfg.build_threads = 0
-  # Validation = this fraction of each class's kept train rows.
-  cfg.val_fraction = 0.05
-  cfg.val_seed = 0
-  cfg.max_examples_per_split = 0
 
   # --- audio (official values) ---
   cfg.sample_rate = 16000
@@ -136,22 +122,9 @@ def default_config() -> ml_collections.ConfigDict:
   return cfg
 
 
-@dataclasses.dataclass(frozen=True)
-class Sample:
-  """One kept clip: id `<youtube_id>_<time:06d>`, label, wav, chosen frames."""
-  clip_id: str
-  label: int
-  wav: str
-  frames: tuple[str, ...]
-
-
 def validate_config(cfg) -> None:
   """Raises ConfigError for a bad setting."""
   base.check_common_config(cfg)
-  if cfg.stft_pad_mode not in media.PAD_MODES:
-    raise errors.ConfigError(
-        f"config.data.stft_pad_mode={cfg.stft_pad_mode!r} must be one of"
-        f" {media.PAD_MODES}")
   if cfg.crop not in CROPS:
     raise errors.ConfigError(
         f"config.data.crop={cfg.crop!r} must be one of {CROPS}")
@@ -204,19 +177,7 @@ def read_clip_list(path: str) -> list[tuple[str, int, str, str]]:
   return rows
 
 
-def root_dir(cfg) -> str:
-  """`<data_dir>/<subdir>`, checked to exist."""
-  data_dir = base.resolve_data_dir(cfg.data_dir)
-  root = base.resolve_path(data_dir, cfg.subdir)
-  if not os.path.isdir(root):
-    raise errors.DataError(
-        f"VGGSound folder {root} is missing: put vggsound.csv, frames/ and"
-        " audio/ there, or point config.data.data_dir / config.data.subdir at"
-        " your copy")
-  return root
-
-
-def list_samples(cfg) -> tuple[dict[str, list[Sample]], list[str], str]:
+def list_samples(cfg) -> tuple[dict[str, list[clips.Clip]], list[str], str]:
   """Kept samples per CSV split, the class names and the sources' identity.
 
   Returns:
@@ -225,17 +186,11 @@ def list_samples(cfg) -> tuple[dict[str, list[Sample]], list[str], str]:
   Raises:
     DataError: missing files, no kept sample, or train/test class mismatch.
   """
-  root = root_dir(cfg)
+  root = base.dataset_root(cfg, "VGGSound", "vggsound.csv, frames/ and audio/")
   csv_path = base.resolve_path(root, cfg.csv)
   rows = read_clip_list(csv_path)
-  frames_root = base.resolve_path(root, cfg.frames_dir)
-  audio_root = base.resolve_path(root, cfg.audio_dir)
-  for what, d, field in (("frames", frames_root, "frames_dir"),
-                         ("audio", audio_root, "audio_dir")):
-    if not os.path.isdir(d):
-      raise errors.DataError(
-          f"VGGSound {what} folder {d} is missing: set config.data.{field}"
-          " (relative to the VGGSound folder or absolute)")
+  frames_root = base.media_folder(root, cfg, "frames_dir", "VGGSound frames")
+  audio_root = base.media_folder(root, cfg, "audio_dir", "VGGSound audio")
   fps_dir = f"Image-{cfg.fps:02d}-FPS"
   h = hashlib.sha256(base.file_identity(csv_path, root).encode())
   kept = {s: [] for s in SPLITS_IN_CSV}
@@ -257,12 +212,10 @@ def list_samples(cfg) -> tuple[dict[str, list[Sample]], list[str], str]:
       continue
     chosen = media.official_frame_choice(len(names), cfg.num_frames,
                                           cfg.frame_seed)
-    frames = tuple(os.path.join(folder, names[i]) for i in chosen)
-    h.update(base.file_identity(wav, root).encode())
-    h.update("|".join(names).encode())
-    for p in frames:
-      h.update(base.file_identity(p, root).encode())
-    kept[split].append((clip_id, label, wav, frames))
+    clip = clips.Clip(clip_id, -1, wav, tuple(
+        os.path.join(folder, names[i]) for i in chosen))
+    clips.clip_identity(h, clip, names, root)
+    kept[split].append((clip_id, label, wav, clip.frames))
   logging.info("VGGSound %s: kept %s, dropped %s (missing files or <= %d"
                " frames), %d rows of other splits", csv_path,
                {s: len(v) for s, v in kept.items()}, dropped,
@@ -285,7 +238,7 @@ def list_samples(cfg) -> tuple[dict[str, list[Sample]], list[str], str]:
         f" equal counts): test-only {unseen[:5]}{more(unseen)}, train-only"
         f" {absent[:5]}{more(absent)}; add the missing clips or remove those"
         " labels' rows from the CSV")
-  out = {s: [Sample(c, ids[label], wav, frames)
+  out = {s: [clips.Clip(c, ids[label], wav, frames)
              for c, label, wav, frames in kept[s]] for s in SPLITS_IN_CSV}
   return out, classes, h.hexdigest()
 
@@ -332,51 +285,8 @@ def load(cfg) -> base.MultimodalDataset:
   """
   validate_config(cfg)
   samples, classes, sources = list_samples(cfg)
-  labels_train = np.array([x.label for x in samples["train"]], np.int32)
-  tr, va = base.carve_validation(labels_train, cfg.val_fraction,
-                                   cfg.val_seed)
-  chosen = {"train": [samples["train"][i] for i in tr],
-            "val": [samples["train"][i] for i in va],
-            "test": samples["test"]}
-  chosen = {s: base.cap(v, cfg.max_examples_per_split)
-            for s, v in chosen.items()}
-  shape_v = (cfg.num_frames, cfg.image_size, cfg.image_size, 3)
-  plans = {}
-  for s in base.SPLIT_NAMES:
-    items = chosen[s]
-    plans[s] = materialize.SplitPlan(
-        readers={
-            "audio": materialize.Reader(
-                lambda i, items=items: spectrogram(items[i].wav,
-                                                   items[i].clip_id, cfg),
-                audio_shape(cfg), "float32"),
-            "visual": materialize.Reader(
-                lambda i, items=items: media.frames_array(items[i].frames,
-                                                           cfg.image_size),
-                shape_v, "uint8"),
-        },
-        labels=np.array([x.label for x in items], np.int32),
-        ids=[x.clip_id for x in items])
-  settings = build_settings(cfg)
-  arrays, key = materialize.materialize(
-      NAME, plans, storage=cfg.storage, cache_dir=cfg.cache_dir,
-      settings=settings, sources=sources, task="classification",
-      build_threads=cfg.build_threads)
-  splits = {
-      s: base.Split(
-          inputs={"audio": arrays[s]["audio"],
-                  "visual": media.NormalizedImages(
-                      arrays[s]["visual"], media.IMAGENET_MEAN,
-                      media.IMAGENET_STD)},
-          labels=plans[s].labels, scales={"audio": 1.0, "visual": 1.0})
-      for s in base.SPLIT_NAMES}
-  fingerprint = base.make_fingerprint(NAME, settings, splits,
-                                      "classification")
-  fingerprint["sources"] = sources
-  fingerprint["build_key"] = key
-  fingerprint["classes_sha256"] = hashlib.sha256(
-      "\n".join(classes).encode()).hexdigest()
-  return base.MultimodalDataset(
-      name=NAME, modalities=MODALITIES, splits=splits,
-      num_classes=len(classes), task="classification",
-      fingerprint=fingerprint)
+  return clips.load_clips(
+      NAME, cfg, samples, sources,
+      lambda c: spectrogram(c.wav, c.clip_id, cfg), audio_shape(cfg),
+      len(classes), build_settings(cfg),
+      {"classes_sha256": clips.names_sha256(classes)})

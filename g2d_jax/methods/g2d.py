@@ -34,26 +34,38 @@ def teacher_outputs(config: ml_collections.ConfigDict) -> frozenset[str]:
                    | ({"logits"} if c.beta != 0 else set()))
 
 
-def make_loss(config: ml_collections.ConfigDict, task: str) -> LossFn:
-  """Eq. 4 over the cached teacher outputs."""
-  c = config.g2d
-  needs = teacher_outputs(config)
+def distillation_loss(task: str, *, alpha: float = 1.0, beta: float = 1.0,
+                      temperature: float = 1.0,
+                      feature_reduction: str = "mean",
+                      teacher_outputs: frozenset[str] = frozenset(
+                          {"features", "logits"})) -> LossFn:
+  """Eq. 4 over the cached teacher outputs named in `teacher_outputs` (the
+  others' terms are left out); metrics `student`, `feature/<m>`,
+  `logit/<m>`. UMT is this loss with features only."""
 
   def loss(outputs, ctx):
     teacher = ctx.batch.get("teacher", {})
     value, parts = losses.g2d_loss(
         outputs.logits, outputs.features,
-        teacher["logits"] if "logits" in needs else None,
-        teacher["features"] if "features" in needs else None,
-        ctx.labels, alpha=c.alpha, beta=c.beta,
-        temperature=c.temperature, task=task,
-        feature_reduction=c.feature_reduction)
+        teacher["logits"] if "logits" in teacher_outputs else None,
+        teacher["features"] if "features" in teacher_outputs else None,
+        ctx.labels, alpha=alpha, beta=beta, temperature=temperature,
+        task=task, feature_reduction=feature_reduction)
     metrics = {"student": parts["student"]}
     metrics.update({f"feature/{m}": v for m, v in parts["feature"].items()})
     metrics.update({f"logit/{m}": v for m, v in parts["logit"].items()})
     return value, metrics
 
   return loss
+
+
+def make_loss(config: ml_collections.ConfigDict, task: str) -> LossFn:
+  """Eq. 4 with `config.g2d`'s weights."""
+  c = config.g2d
+  return distillation_loss(
+      task, alpha=c.alpha, beta=c.beta, temperature=c.temperature,
+      feature_reduction=c.feature_reduction,
+      teacher_outputs=teacher_outputs(config))
 
 
 def build(config: ml_collections.ConfigDict, task: str, **unused) -> Method:

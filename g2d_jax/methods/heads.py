@@ -186,6 +186,18 @@ def unimodal_logits(outputs: Any, source: str) -> dict[str, Array]:
                     "'fusion'.")
 
 
+SOURCES = ("separate", "fusion")
+
+
+def multi_loss_heads(method: str, source: str) -> HeadsSpec | None:
+  """The extra heads of a multi-loss method whose unimodal logits come from
+  `source` ("separate": its own heads; "fusion": the fusion's)."""
+  if source not in SOURCES:
+    raise ConfigError(f"config.{method}.unimodal_heads={source!r} must be one "
+                      f"of {SOURCES}.")
+  return HeadsSpec("unimodal") if source == "separate" else None
+
+
 def multi_loss_terms(outputs: Any, labels: Array, source: str
                      ) -> tuple[Array, dict[str, Array]]:
   """(CE of the fused logits, {m: CE of modality m's unimodal logits}): the

@@ -54,7 +54,6 @@ from g2d_jax import smp
 from g2d_jax.errors import ConfigError
 from g2d_jax.methods import common
 from g2d_jax.methods import heads
-from g2d_jax.methods.base import HeadsSpec
 from g2d_jax.methods.base import Method
 from g2d_jax.methods.base import MethodSpec
 from g2d_jax.methods.base import standard_update
@@ -111,9 +110,7 @@ def build(config: ml_collections.ConfigDict, task: str, *,
   del unused
   c = config.mlb
   common.require_classification(task, "mlb")
-  if c.unimodal_heads not in ("separate", "fusion"):
-    raise ConfigError(f"config.mlb.unimodal_heads={c.unimodal_heads!r} must "
-                      "be 'separate' or 'fusion'.")
+  spec = heads.multi_loss_heads("mlb", c.unimodal_heads)
   if c.beta_max < 1:
     raise ConfigError(f"config.mlb.beta_max={c.beta_max} must be >= 1.")
 
@@ -131,6 +128,5 @@ def build(config: ml_collections.ConfigDict, task: str, *,
     metrics.update({f"mlb/score/{m}": scores[m] for m in order})
     return scale_by_modality(grads, coeffs, order), metrics
 
-  spec = HeadsSpec("unimodal") if c.unimodal_heads == "separate" else None
   return Method("mlb", standard_update(loss, modulate_grads),
                 MethodSpec(heads=spec))

@@ -48,7 +48,6 @@ from g2d_jax import smp
 from g2d_jax.errors import ConfigError
 from g2d_jax.methods import common
 from g2d_jax.methods import heads
-from g2d_jax.methods.base import HeadsSpec
 from g2d_jax.methods.base import Method
 from g2d_jax.methods.base import MethodSpec
 from g2d_jax.methods.base import StepResult
@@ -133,9 +132,7 @@ def build(config: ml_collections.ConfigDict, task: str, *,
   del unused
   c = config.mmpareto
   common.require_classification(task, "mmpareto")
-  if c.unimodal_heads not in ("separate", "fusion"):
-    raise ConfigError(f"config.mmpareto.unimodal_heads={c.unimodal_heads!r} "
-                      "must be 'separate' or 'fusion'.")
+  spec = heads.multi_loss_heads("mmpareto", c.unimodal_heads)
 
   def terms(outputs, labels):
     return heads.multi_loss_terms(outputs, labels, c.unimodal_heads)
@@ -157,5 +154,4 @@ def build(config: ml_collections.ConfigDict, task: str, *,
     return StepResult(params, opt_state, new_bs, value, metrics, out,
                       ctx.method_state)
 
-  spec = HeadsSpec("unimodal") if c.unimodal_heads == "separate" else None
   return Method("mmpareto", update, MethodSpec(heads=spec))

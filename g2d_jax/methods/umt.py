@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from g2d_jax import losses
+from g2d_jax.methods import g2d
 from g2d_jax.methods.base import LossFn
 from g2d_jax.methods.base import Method
 from g2d_jax.methods.base import MethodSpec
@@ -33,19 +33,12 @@ def default_config() -> ml_collections.ConfigDict:
 
 
 def make_loss(config: ml_collections.ConfigDict, task: str) -> LossFn:
-  """L_S + alpha * sum_m MSE(f_s^m, f_t^m)."""
+  """L_S + alpha * sum_m MSE(f_s^m, f_t^m): G2D's loss without its logit
+  terms."""
   c = config.umt
-
-  def loss(outputs, ctx):
-    value, parts = losses.g2d_loss(
-        outputs.logits, outputs.features, None,
-        ctx.batch["teacher"]["features"], ctx.labels, alpha=c.alpha, task=task,
-        feature_reduction=c.feature_reduction)
-    metrics = {"student": parts["student"]}
-    metrics.update({f"feature/{m}": v for m, v in parts["feature"].items()})
-    return value, metrics
-
-  return loss
+  return g2d.distillation_loss(task, alpha=c.alpha,
+                               feature_reduction=c.feature_reduction,
+                               teacher_outputs=frozenset({"features"}))
 
 
 def build(config: ml_collections.ConfigDict, task: str, **unused) -> Method:

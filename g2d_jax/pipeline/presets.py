@@ -41,8 +41,9 @@ def _paper_protocol(c: ml_collections.ConfigDict) -> None:
   c.student = train_config(300, 16, optimizer_config(1e-3))
 
 
-def _finish(c: ml_collections.ConfigDict, method: str | None
-            ) -> ml_collections.ConfigDict:
+def finish(c: ml_collections.ConfigDict, method: str | None
+           ) -> ml_collections.ConfigDict:
+  """Selects `method` (if given) and locks the config."""
   if method:
     methods.apply_preset(c, method)
   c.lock()
@@ -85,13 +86,16 @@ def audio_visual(dataset: str, preset: str | None) -> ml_collections.ConfigDict:
     c.gating.taus = (1,)
     c.eval.batch_size = 16
     c.log_every_steps = 2
-  return _finish(c, method)
+  return finish(c, method)
 
 
 def sequences(dataset: str, preset: str | None) -> ml_collections.ConfigDict:
   """Audio, visual and text feature sequences, one Transformer each (paper
-  A.4.1: input projected by a kernel-1 conv, 4 layers, 8 heads, width 768),
-  late fusion.
+  A.4.1, after AGM: input projected by a kernel-1 conv without bias, 4
+  layers, 8 heads, width 768, sinusoidal positions, mean pool over the
+  steps; no padding masks, so zero-padded steps take part, as in MultiBench
+  and MulT), late fusion. Three modalities: SMP trains the least confident
+  for tau_1 epochs, then the next for tau_2, then all.
 
   paper: the official protocol with taus (75, 76), which split the official
   151-epoch window in two (the paper gives no per-stage values); small:
@@ -119,4 +123,4 @@ def sequences(dataset: str, preset: str | None) -> ml_collections.ConfigDict:
     c.gating.taus = (2, 1)
     c.eval.batch_size = 128
     c.log_every_steps = 50
-  return _finish(c, method)
+  return finish(c, method)
