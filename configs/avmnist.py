@@ -7,14 +7,15 @@ Presets (`--config=configs/avmnist.py:<preset>`):
          epochs 0..150 (tau_1 = 151). Needs a GPU: about 44 min per epoch on
          a 2-core CPU.
   quick  full data, small stride-2 CNN encoders, 4 teacher and 8 student
-         epochs: the whole job finishes on a 2-core CPU in about 10
-         minutes (experiments/README.md has the measured time).
+         epochs: the whole job fits a 2-core CPU (the measured times are in
+         experiments/README.md, "Quick job").
   smoke  256 examples per split and tiny encoders: seconds, for tests.
 
-Run the whole job (teachers, teacher cache, student, evaluation):
+Run the whole job (teachers, teacher cache, student, evaluation); its
+outputs go to runs/avmnist_quick (`--workdir=DIR` for another):
 
   G2D_DATA_DIR=../shared/data python -m g2d_jax.main \
-      --config=configs/avmnist.py:quick --workdir=runs/avmnist_quick
+      --config=configs/avmnist.py:quick
 
 Override any field, e.g. `--config.student.epochs=3 --config.method=joint`.
 

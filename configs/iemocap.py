@@ -22,5 +22,5 @@ PRESETS = presets.SEQUENCE_PRESETS
 
 
 def get_config(preset: str = "paper") -> ml_collections.ConfigDict:
-  """The IEMOCAP config for `<preset>[,<method>]` (see the module docstring)."""
+  """The IEMOCAP config for `<preset>[,<method>]` (module docstring)."""
   return presets.sequences("iemocap", preset)

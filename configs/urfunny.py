@@ -20,5 +20,5 @@ PRESETS = presets.SEQUENCE_PRESETS
 
 
 def get_config(preset: str = "paper") -> ml_collections.ConfigDict:
-  """The UR-Funny config for `<preset>[,<method>]` (see the module docstring)."""
+  """The UR-Funny config for `<preset>[,<method>]` (module docstring)."""
   return presets.sequences("urfunny", preset)

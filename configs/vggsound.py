@@ -37,5 +37,5 @@ PRESETS = presets.AUDIO_VISUAL_PRESETS
 
 
 def get_config(preset: str = "paper") -> ml_collections.ConfigDict:
-  """The VGGSound config for `<preset>[,<method>]` (see the module docstring)."""
+  """The VGGSound config for `<preset>[,<method>]` (module docstring)."""
   return presets.audio_visual("vggsound", preset)

@@ -11,7 +11,8 @@ validation split; the test split is only reported.
   G2D_DATA_DIR=../shared/data python experiments/avmnist_suite.py \
       --root=runs/suite --seeds=0,1,2
   # a subset, then the tables from whatever has finished
-  python experiments/avmnist_suite.py --root=runs/suite --seeds=0 --runs=joint,g2d
+  python experiments/avmnist_suite.py --root=runs/suite --seeds=0 \
+      --runs=joint,g2d
   python experiments/avmnist_suite.py --root=runs/suite --report_only \
       --out=experiments/results/avmnist_suite.md
 
@@ -316,7 +317,7 @@ def main(argv):
     for jobs in phases:
       queue = list(jobs)
 
-      def worker(core):
+      def worker(core, queue=queue):
         while True:
           with lock:
             if not queue or errors:

@@ -23,6 +23,7 @@ means SMP gates the image branch); `model` paper (two ResNet-18s) | quick
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import itertools
 import json
 import os
@@ -114,22 +115,26 @@ def jax_worker() -> None:
     kappa = {"all": (1.0, 1.0), "audio": (1.0, 0.0),
              "image": (0.0, 1.0)}[v["pattern"]]
     batches = []
-    for i in range(4):
+    for _ in range(4):
       b = ds.splits["train"].batch(rng.permutation(len(ds.splits["train"]))[:n])
       batch = {"index": b["index"], "label": b["label"],
                "inputs": {m: b[m] for m in ("audio", "image")},
                "teacher": {
                    "logits": {m: rng.normal(size=(n, 10)).astype(np.float32)
                               for m in ("audio", "image")},
-                   "features": {m: rng.normal(size=(n, feats.features[m].shape[-1]))
-                                .astype(np.float32) for m in ("audio", "image")}}}
+                   "features": {
+                       m: rng.normal(size=(n, feats.features[m].shape[-1]))
+                       .astype(np.float32) for m in ("audio", "image")}}}
       batch["gate"] = {
-          "kappa": {m: np.float32(k) for m, k in zip(("audio", "image"), kappa)},
+          "kappa": {m: np.float32(k)
+                    for m, k in zip(("audio", "image"), kappa)},
           "confidence": {m: np.float32(0.5) for m in ("audio", "image")},
-          "pattern": (loader.ALL if v["pattern"] == "all" or not gate.skip_frozen
+          "pattern": (loader.ALL
+                      if v["pattern"] == "all" or not gate.skip_frozen
                       else ("audio", "image").index(v["pattern"]))}
       if not gate.enabled:
-        batch["gate"] = {"kappa": {m: np.float32(1) for m in ("audio", "image")},
+        batch["gate"] = {"kappa": {m: np.float32(1)
+                                   for m in ("audio", "image")},
                          "confidence": {}, "pattern": loader.ALL}
       batches.append(mesh_lib.shard_batch(batch, mesh))
     pattern = step.split_pattern(batches[0])[0]
@@ -164,7 +169,8 @@ def jax_worker() -> None:
       jax.block_until_ready((s["state"], m))
       times.append(time.perf_counter() - t0)
     c1 = os.times()
-    return {"times": times, "cpu_s": (c1.user - c0.user) + (c1.system - c0.system)}
+    cpu_s = (c1.user - c0.user) + (c1.system - c0.system)
+    return {"times": times, "cpu_s": cpu_s}
 
   _serve(setup, run)
 
@@ -193,7 +199,8 @@ def torch_worker() -> None:
       step()
       times.append(time.perf_counter() - t0)
     c1 = os.times()
-    return {"times": times, "cpu_s": (c1.user - c0.user) + (c1.system - c0.system)}
+    cpu_s = (c1.user - c0.user) + (c1.system - c0.system)
+    return {"times": times, "cpu_s": cpu_s}
 
   _serve(setup, run)
 
@@ -240,11 +247,7 @@ class Worker:
 
 
 def torch_available() -> bool:
-  try:
-    import torch  # pylint: disable=g-import-not-at-top,unused-import
-    return True
-  except ImportError:
-    return False
+  return importlib.util.find_spec("torch") is not None
 
 
 def main() -> None:
@@ -286,8 +289,8 @@ def main() -> None:
     impls = [i for i in impls if i != "torch"]
 
   variants = []
-  for model, bs in itertools.product(args.models.split(","),
-                                     [int(b) for b in args.batch_sizes.split(",")]):
+  batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
+  for model, bs in itertools.product(args.models.split(","), batch_sizes):
     for impl in impls:
       methods = args.methods.split(",") if impl == "jax" else ["joint", "g2d"]
       kernels = (args.kernels.split(",") if impl == "jax" and model == "paper"
@@ -355,7 +358,7 @@ def main() -> None:
         foreign_load_cores=loads[v["id"]]))
   # Ratios from blocks run side by side (same repetition).
   for r in records:
-    same = lambda u, **kw: all(u[k] == kw.get(k, r[k]) for k in
+    same = lambda u, r=r, **kw: all(u[k] == kw.get(k, r[k]) for k in
                                ("impl", "method", "pattern", "model",
                                 "batch_size", "kernels"))
     joint = [u for u in records if same(u, method="joint", pattern="all")]
@@ -396,12 +399,13 @@ def print_table(records) -> None:
           f"{'GFLOP/s':>8s} {'/joint':>7s} {'jax/torch':>9s} {'compile s':>9s}")
   print(head)
   for r in records:
-    fmt = lambda k, f: (f % r[k]) if r.get(k) is not None else "-"
+    fmt = lambda k, f, r=r: (f % r[k]) if r.get(k) is not None else "-"
     print(f"{r['impl']:5s} {r['kernels']:4s} {r['model']:5s} "
           f"{r['batch_size']:4d} "
           f"{r['method']:9s} {r['pattern']:7s} {r['median_ms']:10.1f} "
           f"{r['min_ms']:8.1f} {r['max_ms']:8.1f} {r['examples_per_s']:7.1f} "
-          f"{fmt('gflops_per_s', '%.1f'):>8s} {fmt('ratio_to_joint', '%.3f'):>7s} "
+          f"{fmt('gflops_per_s', '%.1f'):>8s} "
+          f"{fmt('ratio_to_joint', '%.3f'):>7s} "
           f"{fmt('jax_over_torch', '%.3f'):>9s} {r['compile_s']:9.1f}")
 
 

@@ -168,12 +168,13 @@ def fig3(workdirs, run, mods, out):
     smooth = np.convolve(v, np.ones(w) / w, mode="valid")
     ax.plot(x[:len(smooth)], smooth, label=f"{m} teacher")
     k = np.array([s[f"kappa/{m}"] for s in steps])
-    ax.fill_between(x, 0, 0.04, where=(k > 0) & (np.array(
-        [sum(s[f"kappa/{n}"] for n in mods) for s in steps]) < len(mods)),
-                    step="mid", alpha=0.4, label=f"SMP trains {m} alone")
+    total = np.array([sum(s[f"kappa/{n}"] for n in mods) for s in steps])
+    alone = (k > 0) & (total < len(mods))
+    ax.fill_between(x, 0, 0.04, where=alone, step="mid", alpha=0.4,
+                    label=f"SMP trains {m} alone")
     print(f"Fig. 3: {m} teacher confidence on training batches: mean "
           f"{v.mean():.3f}; SMP trains {m} alone on "
-          f"{np.mean((k > 0) & (np.array([sum(s[f'kappa/{n}'] for n in mods) for s in steps]) < len(mods))):.1%} of the steps")
+          f"{np.mean(alone):.1%} of the steps")
   ax.set_xlabel("training step")
   ax.set_ylabel("teacher confidence (Eq. 5)")
   ax.set_ylim(0, 1)

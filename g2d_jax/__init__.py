@@ -1,10 +1,11 @@
-"""g2d_jax: Gradient-Guided Distillation and balanced multimodal learning in JAX.
+"""g2d_jax: Gradient-Guided Distillation, balanced multimodal learning in JAX.
 
 The core (importable without models, data or the pipeline) is pure functions:
 
 - `g2d_loss` and its terms (paper Eq. 1-4), in `g2d_jax.losses`;
 - `teacher_confidence` (Eq. 5), in `g2d_jax.confidence`;
-- `smp_kappa`, `partial_kappa`, `smp_stage` (Eq. 6-7, Table 6), in `g2d_jax.smp`;
+- `smp_kappa`, `partial_kappa`, `smp_stage` (Eq. 6-7, Table 6), in
+  `g2d_jax.smp`;
 - `modality_labels`, `smp_optimizer` (Eq. 8), in `g2d_jax.gating`.
 """
 

@@ -22,6 +22,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import shutil
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
@@ -190,3 +191,41 @@ def atomic_directory(final_dir: str, *, replace: bool = False
   finally:
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.rmtree(old, ignore_errors=True)
+
+
+# Names our writers give temporaries: `.tmp-<name>-[old-]<pid>` directories
+# (atomic_directory) and `<stem>.tmp-<pid><ext>` files (replace_file); and
+# `teacher_cache.tmp-*`, the teacher cache's temporaries before version 0.2.
+_TMP_DIR = re.compile(r"^\.tmp-.+-(?:old-)?(\d+)$")
+_TMP_FILE = re.compile(r"^.+\.tmp-(\d+)(?:\.[A-Za-z0-9]+)?$")
+_LEGACY_TMP = re.compile(r"^teacher_cache\.tmp-")
+
+
+def _alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:
+    return True
+  return True
+
+
+def remove_dead_temporaries(directory: str) -> list[str]:
+  """Deletes, below `directory`, the temporaries our writers name after a
+  process that is no longer running (what a kill leaves behind); returns
+  them. A live process's temporaries are kept."""
+  removed = []
+  for root, dirs, files in os.walk(directory):
+    for name in list(dirs):
+      m = _TMP_DIR.match(name)
+      if (m and not _alive(int(m.group(1)))) or _LEGACY_TMP.match(name):
+        shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+        removed.append(os.path.join(root, name))
+        dirs.remove(name)
+    for name in files:
+      m = _TMP_FILE.match(name)
+      if m and not _alive(int(m.group(1))):
+        os.remove(os.path.join(root, name))
+        removed.append(os.path.join(root, name))
+  return removed

@@ -35,7 +35,7 @@ def regression_prediction(logits: Array) -> Array:
 
 
 def regression_mse(logits: Array, targets_B: Array) -> Array:
-  """Eq. 1 for regression: MSE between sigmoid(outputs) and targets in [0, 1]."""
+  """Eq. 1 for regression: MSE of sigmoid(outputs) and targets in [0, 1]."""
   pred_B = regression_prediction(logits)
   return jnp.mean((pred_B - targets_B.astype(jnp.float32)) ** 2)
 
@@ -129,7 +129,8 @@ def g2d_loss(
     task: str = "classification",
     feature_reduction: str = "mean",
 ) -> tuple[Array, dict[str, Any]]:
-  """The G2D loss (Eq. 4): `L_S + alpha * sum_m L_feat^m + beta * sum_m L_logit^m`.
+  """The G2D loss (Eq. 4):
+  `L_S + alpha * sum_m L_feat^m + beta * sum_m L_logit^m`.
 
   Every teacher distils into the same fused student logits (as the official
   code does); per-modality cross-entropy terms are not part of the objective.

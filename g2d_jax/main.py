@@ -1,18 +1,22 @@
-r"""Command-line entry point.
+r"""Command-line entry point (also installed as `g2d-jax`).
 
-  python -m g2d_jax.main --config=configs/avmnist.py:quick --workdir=runs/q
+  python -m g2d_jax.main --config=configs/avmnist.py:quick
   python -m g2d_jax.main --config=configs/avmnist.py --workdir=runs/p \
       --mode=teachers --config.teacher.epochs=3
 
-`--mode` runs one stage (teachers, precompute, student, eval) or all of them;
-a finished stage whose outputs match the config is skipped. Any config field
-can be overridden with `--config.<field>=<value>`.
+`--workdir` defaults to `runs/<config name>[_<preset>]` under the current
+directory. `--mode` runs one stage (teachers, precompute, student, eval) or
+all of them; a finished stage whose outputs match the config is skipped. Any
+config field can be overridden with `--config.<field>=<value>`.
 """
 
+from __future__ import annotations
+
+import importlib.util
+import os
 import re
 import sys
 
-from absl import app
 from absl import flags
 from absl import logging
 from ml_collections import config_flags
@@ -20,53 +24,120 @@ from ml_collections import config_flags
 from g2d_jax.errors import G2DError
 from g2d_jax.pipeline import config as config_lib
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "A config file from configs/, optionally with a preset: "
-    "configs/avmnist.py:quick.", lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for all outputs.")
-_MODE = flags.DEFINE_enum("mode", "all", config_lib.MODES, "Stage(s) to run.")
+RUNS_DIR = "runs"
 
 
-def parse_flags(argv: list[str]) -> list[str]:
-  """absl's parsing, with config-override mistakes reported in one line.
+def define_flags(fv: flags.FlagValues, argv: list[str]) -> None:
+  """This program's flags, on `fv` (a fresh FlagValues per invocation, so
+  the CLI can run several times in one process)."""
+  config_flags.DEFINE_config_file(
+      "config", None, "A config file from configs/, optionally with a "
+      "preset: configs/avmnist.py:quick.", lock_config=True, flag_values=fv,
+      sys_argv=argv)
+  flags.DEFINE_string("workdir", None, "Directory for all outputs (default: "
+                      f"{RUNS_DIR}/<config name>[_<preset>]).", flag_values=fv)
+  flags.DEFINE_enum("mode", "all", config_lib.MODES, "Stage(s) to run.",
+                    flag_values=fv)
 
-  A mistyped field (`--config.student.epochz=3`) makes ml_collections raise
-  an AttributeError/KeyError from deep inside flag parsing; show its
-  message (which suggests the right name) instead of a traceback.
-  """
+
+def default_workdir(config_arg: str) -> str:
+  """`runs/<config file name>[_<preset>]` of a `--config` value."""
+  path, _, preset = config_arg.partition(":")
+  name = os.path.splitext(os.path.basename(path))[0]
+  if preset:
+    name += "_" + re.sub(r"[^A-Za-z0-9_.-]", "_", preset.replace(",", "_"))
+  return os.path.join(RUNS_DIR, name)
+
+
+def smaller_preset_hint(config_arg: str) -> str:
+  """`--config=<file>:quick` if the config file has a `quick` preset, for
+  the message that the job is too long for this machine."""
+  path = config_arg.partition(":")[0]
   try:
-    return flags.FLAGS(argv)
+    spec = importlib.util.spec_from_file_location("_g2d_config_hint", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    presets = tuple(getattr(module, "PRESETS", ()))
+  except Exception:  # pylint: disable=broad-except
+    presets = ()
+  for name in ("quick", "small", "smoke"):
+    if name in presets:
+      return f"--config={path}:{name}"
+  return "a smaller preset"
+
+
+def _error(message: str) -> int:
+  print(f"error: {message}", file=sys.stderr)
+  return 2
+
+
+def parse(argv: list[str]) -> tuple[flags.FlagValues | None, int]:
+  """Parses `argv` (argv[0] is the program): (flags, 0), or (None, exit
+  status) after printing the one-line error or the help."""
+  fv = flags.FlagValues()
+  try:
+    define_flags(fv, argv)
+    if any(a in ("--help", "-h", "--helpfull") for a in argv[1:]):
+      print(fv.main_module_help() or fv.get_help(), file=sys.stderr)
+      return None, 0
+    rest = fv(argv)
   except flags.Error as e:
     # A failing config file is wrapped with its whole traceback; its last
     # line is the message.
-    lines = [l for l in str(e).splitlines() if l.strip()]
-    print(f"error: {lines[-1] if lines else e}\nPass --helpfull to see the "
-          "flags.", file=sys.stderr)
-    sys.exit(2)
+    lines = [line for line in str(e).splitlines() if line.strip()]
+    return None, _error(f"{lines[-1] if lines else e}\nPass --help to see "
+                        "the flags.")
   except (AttributeError, KeyError, TypeError, ValueError) as e:
+    # A mistyped field (`--config.student.epochz=3`) makes ml_collections
+    # raise from deep inside flag parsing: show its message (which suggests
+    # the right name) instead of a traceback.
     text = str(e.args[0] if e.args else e)
     hint = re.search(r'Did you mean "(\w+)" instead of "(\w+)"', text)
     if hint:
       msg = f"unknown field {hint.group(2)!r}; did you mean {hint.group(1)!r}?"
     else:
       msg = "unknown field '" + re.sub(r"[\\'\"]", "", text) + "'."
-    print(f"error: bad --config override: {msg} Every --config.<field> must "
-          "name an existing field of the config file.", file=sys.stderr)
-    sys.exit(2)
+    return None, _error(f"bad --config override: {msg} Every "
+                        "--config.<field> must name an existing field of the "
+                        "config file.")
+  if len(rest) > 1:
+    return None, _error(f"unexpected arguments: {rest[1:]}")
+  if fv["config"].value is None:
+    return None, _error("--config is required, e.g. "
+                        "--config=configs/avmnist.py:quick")
+  return fv, 0
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+def cli(argv: list[str]) -> int:
+  """Runs the pipeline for `argv`; returns the exit status (0, or 2 after
+  one line saying what is wrong and how to fix it)."""
+  fv, status = parse(argv)
+  if fv is None:
+    return status
+  config_arg = config_flags.get_config_filename(fv["config"])
+  workdir = fv.workdir or default_workdir(config_arg)
   from g2d_jax.pipeline import run  # pylint: disable=g-import-not-at-top
+  logging.info("outputs go to %s", os.path.abspath(workdir))
+  print(f"g2d_jax: outputs go to {os.path.abspath(workdir)}", file=sys.stderr)
   try:
-    run.run(_CONFIG.value, _WORKDIR.value, _MODE.value)
+    run.run(fv["config"].value, workdir, fv.mode,
+            smaller_preset=smaller_preset_hint(config_arg))
   except G2DError as e:
     logging.error("%s", e)
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+    return _error(str(e))
+  return 0
+
+
+def console() -> None:
+  """The `g2d-jax` console script and `python -m g2d_jax.main`."""
+  # absl's own flags (verbosity, ...) are not used; mark them parsed so
+  # logging does not warn, and log at INFO to stderr.
+  flags.FLAGS.mark_as_parsed()
+  logging.use_absl_handler()
+  logging.set_verbosity(logging.INFO)
+  sys.exit(cli(sys.argv))
 
 
 if __name__ == "__main__":
-  flags.mark_flags_as_required(["config", "workdir"])
-  app.run(main, flags_parser=parse_flags)
+  console()

@@ -45,7 +45,7 @@ def smp_stage(epoch: Array | int, taus: Sequence[int]) -> Array:
 
 
 def smp_active(epoch: Array | int, taus: Sequence[int]) -> Array:
-  """True while some modality is being trained alone (before the joint phase)."""
+  """True while a modality is being trained alone (before the joint phase)."""
   return jnp.asarray(epoch, jnp.int32) < int(sum(_check_taus(taus)))
 
 

@@ -236,9 +236,10 @@ def test_counter_hash_streams_differ_and_are_stable():
 
 def test_missing_data_dir(monkeypatch, tmp_path):
   monkeypatch.delenv("G2D_DATA_DIR", raising=False)
+  monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg"))
   cfg = _cfg(str(tmp_path), data_dir="")
-  with pytest.raises(errors.DataError, match="G2D_DATA_DIR is not set and"
-                     " config.data.data_dir is empty: set G2D_DATA_DIR="):
+  with pytest.raises(errors.DataError, match="the default location, as "
+                     "G2D_DATA_DIR and config.data.data_dir are unset"):
     avmnist.load(cfg)
   with pytest.raises(errors.DataError, match="fsdd/recordings is missing"):
     (tmp_path / "d" / "mnist").mkdir(parents=True)

@@ -94,11 +94,19 @@ def test_check_labels():
 
 def test_resolve_data_dir_messages(monkeypatch, tmp_path):
   monkeypatch.delenv("G2D_DATA_DIR", raising=False)
+  monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg"))
+  default = str(tmp_path / "xdg" / "g2d_jax")
+  assert base.default_data_dir() == default
   with pytest.raises(errors.DataError) as e:
     base.resolve_data_dir("")
-  assert str(e.value).startswith(
-      "G2D_DATA_DIR is not set and config.data.data_dir is empty: set"
-      " G2D_DATA_DIR=/path/to/data or pass --config.data.data_dir=...")
+  msg = str(e.value)
+  assert msg.startswith(f"data directory {default} (the default location, as"
+                        " G2D_DATA_DIR and config.data.data_dir are unset)"
+                        " does not exist")
+  assert f"python -m g2d_jax.data.download --dest {default}" in msg
+  assert "2.3 GB speech_commands_v0.02.tar.gz" in msg and "\n" not in msg
+  (tmp_path / "xdg" / "g2d_jax" / "mnist").mkdir(parents=True)
+  assert base.resolve_data_dir("", ("mnist",)) == default
   with pytest.raises(errors.DataError, match="does not exist"):
     base.resolve_data_dir(str(tmp_path / "nope"))
   monkeypatch.setenv("G2D_DATA_DIR", str(tmp_path))

@@ -137,7 +137,8 @@ def test_mask_helper_and_fix_length():
   x = np.zeros((2, 5, 2))
   x[0, 3:] = 1.0
   x[1, 1:] = 2.0
-  out, valid = sequences.fix_length(x, sequences.first_nonzero_step(x), 3, "back")
+  out, valid = sequences.fix_length(x, sequences.first_nonzero_step(x), 3,
+                                    "back")
   np.testing.assert_array_equal(valid, [[1, 1, 0], [1, 1, 1]])
   np.testing.assert_array_equal(out[0, :, 0], [1, 1, 0])
   np.testing.assert_array_equal(sequences.valid_mask(out), valid)

@@ -18,7 +18,7 @@ def np_log_softmax(x):
 
 
 def np_kl_batchmean(student, teacher, t):
-  """KL(p_t || p_s) written as explicit loops (sum over classes, mean over B)."""
+  """KL(p_t || p_s) as explicit loops (sum over classes, mean over B)."""
   ls = np_log_softmax(np.asarray(student) / t)
   lt = np_log_softmax(np.asarray(teacher) / t)
   total = 0.0

@@ -95,7 +95,8 @@ def test_training_step_is_sgd_on_the_scaled_multi_loss_gradient(heads):
                       jax.random.key(0))
   new = jax.device_get(new.params)
   for m in MODS:
-    assert float(metrics["scalars"][f"mlb/coeff/{m}"]) == pytest.approx(k[m], rel=1e-4)
+    assert float(metrics["scalars"][f"mlb/coeff/{m}"]) == pytest.approx(
+        k[m], rel=1e-4)
 
   def expect(path, p0, g):
     keys = [q.key for q in path]

@@ -131,9 +131,11 @@ def test_update_applies_the_pareto_gradient_of_the_separate_losses():
       float(ce(forward(params)[0].logits))
       + sum(float(parts[f"unimodal/{m}"]) for m in MODS), rel=1e-6)
   for m in MODS:
-    enc = lambda t: jax.tree.map(np.asarray, t["encoders"][m]["backbone"])
-    flat = lambda t: {jax.tree_util.keystr(p): v for p, v in
-                      jax.tree_util.tree_flatten_with_path(enc(t))[0]}
+    enc = lambda t, m=m: jax.tree.map(np.asarray,
+                                      t["encoders"][m]["backbone"])
+    flat = lambda t, enc=enc: {jax.tree_util.keystr(p): v for p, v in
+                               jax.tree_util.tree_flatten_with_path(
+                                   enc(t))[0]}
     want, k = released_combine(flat(g_mm), flat(g_uni))
     assert float(parts[f"mmpareto/k_mm/{m}"]) == pytest.approx(k[0], rel=1e-4)
     for name, w in want.items():

@@ -31,8 +31,8 @@ test, and single-speaker accuracies differed by up to 15 points. The speaker
 split was the first calibration; it was dropped because the audio teacher
 memorises its four training speakers (training-batch confidence 0.91 against
 0.54 for the image) although unseen speakers keep it weak on test, which
-inverts the modality ranking SMP reads from training batches (experiments/README.md,
-"AV-MNIST calibration").
+inverts the modality ranking SMP reads from training batches
+(experiments/README.md, "AV-MNIST calibration").
 
 For sample i of split s (code 0/1/2 for train/val/test) a counter-based hash
 h(seed, s, stream, i) (`counter_hash`) picks, with three independent streams:
@@ -94,7 +94,8 @@ SPEC_SIZE = 112
 MNIST_TRAIN = 60000
 SPLIT_CODES = {"train": 0, "val": 1, "test": 2}
 
-_FETCH = "fetch the data again (python -m g2d_jax.data.download --dest DATA_DIR)"
+_FETCH = ("fetch the data again (python -m g2d_jax.data.download --dest "
+          "DATA_DIR)")
 # Fields that do not change the built arrays (so are not part of the key).
 _NON_BUILD_FIELDS = ("name", "data_dir", "cache_dir", "build_chunk")
 

@@ -194,37 +194,58 @@ def build_settings(cfg, exclude: tuple[str, ...] = ("name",),
   return settings
 
 
+def default_data_dir() -> str:
+  """Where the data lives when neither the config nor G2D_DATA_DIR says:
+  `$XDG_DATA_HOME/g2d_jax`, else `~/.local/share/g2d_jax` (where
+  `python -m g2d_jax.data.download` puts it by default)."""
+  root = os.environ.get("XDG_DATA_HOME") or os.path.join(
+      os.path.expanduser("~"), ".local", "share")
+  return os.path.join(root, "g2d_jax")
+
+
+def fetch_hint(data_dir: str) -> str:
+  """One line on getting the data into `data_dir`."""
+  return (f"fetch MNIST and FSDD with `python -m g2d_jax.data.download "
+          f"--dest {data_dir}`; AV-MNIST's Speech Commands noise ships only "
+          "inside the 2.3 GB speech_commands_v0.02.tar.gz: `curl -LO "
+          "http://download.tensorflow.org/data/speech_commands_v0.02.tar.gz "
+          f"&& python -m g2d_jax.data.download --dest {data_dir} --what= "
+          "--speech_commands_archive speech_commands_v0.02.tar.gz`")
+
+
 def resolve_data_dir(data_dir: str, required: tuple[str, ...] = ()) -> str:
-  """Returns the data directory from the config or `G2D_DATA_DIR`.
+  """Returns the data directory: the config's, else `G2D_DATA_DIR`'s, else
+  `default_data_dir()`.
 
   Args:
-    data_dir: the config value; empty means "use the environment variable".
+    data_dir: the config value; empty means "use the environment variable"
+      (or the default location when that is unset).
     required: sub-paths that must exist below the directory.
 
   Raises:
-    DataError: neither is set, the directory or a required entry is missing.
+    DataError: the directory or a required entry is missing; the message
+      says how to fetch the data.
   """
   source = "config.data.data_dir"
   if not data_dir:
     data_dir = os.environ.get(DATA_DIR_ENV, "")
     source = DATA_DIR_ENV
   if not data_dir:
-    raise errors.DataError(
-        f"{DATA_DIR_ENV} is not set and config.data.data_dir is empty: set"
-        f" {DATA_DIR_ENV}=/path/to/data or pass --config.data.data_dir=... (to"
-        " fetch the data: python -m g2d_jax.data.download --dest DIR)")
+    data_dir = default_data_dir()
+    source = (f"the default location, as {DATA_DIR_ENV} and "
+              "config.data.data_dir are unset")
   data_dir = os.path.abspath(os.path.expanduser(data_dir))
   if not os.path.isdir(data_dir):
     raise errors.DataError(
-        f"data directory {data_dir} (from {source}) does not exist: point"
-        f" {source} at the folder holding mnist/, fsdd/, ... or fetch it with"
-        f" python -m g2d_jax.data.download --dest {data_dir}")
+        f"data directory {data_dir} ({source}) does not exist: point"
+        f" {DATA_DIR_ENV} or --config.data.data_dir at the folder holding"
+        f" mnist/, fsdd/, ..., or {fetch_hint(data_dir)}")
   for sub in required:
     if not os.path.exists(os.path.join(data_dir, sub)):
       raise errors.DataError(
           f"{os.path.join(data_dir, sub)} is missing (data directory from"
-          f" {source}): fetch it with python -m g2d_jax.data.download --dest"
-          f" {data_dir}, or point {source} at a directory that has {sub}")
+          f" {source}): {fetch_hint(data_dir)}; or point {DATA_DIR_ENV} at a"
+          f" directory that has {sub}")
   return data_dir
 
 

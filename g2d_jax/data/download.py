@@ -1,13 +1,14 @@
 r"""Downloads MNIST and FSDD from their public homes and verifies checksums.
 
-  python -m g2d_jax.data.download --dest DIR [--what mnist,fsdd]
+  python -m g2d_jax.data.download [--dest DIR] [--what mnist,fsdd]
 
 writes DIR/mnist/*.gz and DIR/fsdd/recordings/*.wav, the layout that
-`G2D_DATA_DIR=DIR` expects. Each dataset is fetched into a temp directory and
-renamed into place only after its checksums pass (MNIST: MD5 of each file's
-uncompressed content; FSDD: sha256 of all 3,000 recordings concatenated in
-sorted name order), so a failed or interrupted download leaves nothing that
-looks valid.
+`G2D_DATA_DIR=DIR` expects (DIR defaults to ~/.local/share/g2d_jax, where
+the pipeline looks when G2D_DATA_DIR is unset). Each dataset is fetched
+into a temp directory and renamed into place only after its checksums pass
+(MNIST: MD5 of each file's uncompressed content; FSDD: sha256 of all 3,000
+recordings concatenated in sorted name order), so a failed or interrupted
+download leaves nothing that looks valid.
 
 The Speech Commands background noise (needed by AV-MNIST) cannot sensibly be
 fetched alone: it only ships inside the 2.3 GB Speech Commands v0.02 archive.
@@ -36,6 +37,7 @@ from absl import logging
 from g2d_jax import artifacts
 from g2d_jax import errors
 from g2d_jax.data import audio
+from g2d_jax.data import base
 from g2d_jax.data import media
 from g2d_jax.data import mnist
 from g2d_jax.progress import Progress
@@ -317,8 +319,10 @@ def main(argv: list[str] | None = None) -> int:
   parser = argparse.ArgumentParser(
       prog="python -m g2d_jax.data.download", description=__doc__.split(
           "\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--dest", required=True,
-                      help="data directory to fill (then G2D_DATA_DIR=DEST)")
+  parser.add_argument("--dest", default=base.default_data_dir(),
+                      help="data directory to fill (default: where the "
+                      "pipeline looks when G2D_DATA_DIR is unset, "
+                      f"{base.default_data_dir()}; else set G2D_DATA_DIR=DEST)")
   parser.add_argument("--what", default="mnist,fsdd",
                       help="comma list of mnist, fsdd")
   parser.add_argument("--mnist_url_base", action="append", default=None,

@@ -13,8 +13,8 @@ Layout (a pickled dict of NumPy arrays):
 
 Aligned: L_t = L_a = L_v = 20; unaligned (per the MulT paper): 20, 400 and
 500 steps. Text is GloVe (300-d), audio COVAREP (74-d), vision Facet (35-d);
-MulT sets the audio's -inf values to 0. `labels[i, k]` is a one-hot pair (not present,
-present) for the emotions k = Neutral, Happy, Sad, Angry (MulT
+MulT sets the audio's -inf values to 0. `labels[i, k]` is a one-hot pair
+(not present, present) for the emotions k = Neutral, Happy, Sad, Angry (MulT
 `eval_iemocap`); MulT trains four binary tasks (`argmax` over the pair).
 
 Labels here (`label_mode`):

@@ -22,6 +22,8 @@ the optimizer labels count as modality m's) and `params["aux"]["shared_head"]`
 
 from __future__ import annotations
 
+import functools
+import operator
 from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -142,7 +144,8 @@ class WithMethodHeads(nn.Module):
           jnp.maximum(sum(w.values()), 1e-12))
       return MethodOutput(fused, dict(head_logits), out.features, head_inputs,
                           head_logits)
-    fused = sum(w * head_logits[m] for m, w in zip(self.modalities, weights))
+    fused = functools.reduce(operator.add, [
+        w * head_logits[m] for m, w in zip(self.modalities, weights)])
     return MethodOutput(fused, dict(head_logits), out.features, head_inputs,
                         head_logits)
 

@@ -37,6 +37,8 @@ With SMP the gate then multiplies each modality's update by kappa.
 
 from __future__ import annotations
 
+import functools
+import operator
 from collections.abc import Sequence
 
 import jax
@@ -76,9 +78,9 @@ def min_norm_weight(v1v1: Array, v1v2: Array, v2v2: Array) -> Array:
 
 def pareto_weights(g_mm, g_uni) -> tuple[Array, Array, Array]:
   """(k_mm, k_uni, cos) of one encoder from its two gradient pytrees."""
-  dot = lambda a, b: sum(jnp.vdot(x.astype(jnp.float32), y.astype(jnp.float32))
-                         for x, y in zip(jax.tree.leaves(a),
-                                         jax.tree.leaves(b)))
+  dot = lambda a, b: functools.reduce(operator.add, [
+      jnp.vdot(x.astype(jnp.float32), y.astype(jnp.float32))
+      for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))])
   v1v1, v1v2, v2v2 = dot(g_mm, g_mm), dot(g_mm, g_uni), dot(g_uni, g_uni)
   cos = v1v2 / jnp.maximum(jnp.sqrt(v1v1) * jnp.sqrt(v2v2), 1e-8)
   c = min_norm_weight(v1v1, v1v2, v2v2)

@@ -109,7 +109,7 @@ def modulate(grads, coeffs: Mapping[str, Array], *, active: Array,
   """
   if scope not in SCOPES:
     raise ConfigError(f"OGM scope={scope!r} is not one of {SCOPES}.")
-  selected = []
+  selected: list[str] = []
 
   def visit(path, g):
     m = gating.leaf_modality(path, modalities)

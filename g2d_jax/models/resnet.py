@@ -12,8 +12,8 @@ _PAD1 = ((1, 1), (1, 1))
 
 
 def _conv(features, kernel_size, *, impl, **kwargs):
-  return conv_lib.Conv(features, kernel_size, kernel_init=inits.conv_kernel_init,
-                       impl=impl, **kwargs)
+  return conv_lib.Conv(features, kernel_size,
+                       kernel_init=inits.conv_kernel_init, impl=impl, **kwargs)
 
 
 class BasicBlock(nn.Module):

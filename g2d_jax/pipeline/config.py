@@ -11,6 +11,7 @@ import ml_collections
 
 from g2d_jax import methods
 from g2d_jax.errors import ConfigError
+from g2d_jax.pipeline import logs
 
 # joint, umt, ume, ogm, ogm_ge, mlb, mmpareto, mla, pmr, g2d
 METHODS = methods.available()
@@ -89,6 +90,8 @@ def base_config() -> ml_collections.ConfigDict:
       missing_seed=0,
   ))
   c.log_every_steps = 100
+  # Metrics besides metrics.jsonl: TensorBoard (on), Weights & Biases (off).
+  c.logging = logs.logging_config()
   return c
 
 
@@ -112,13 +115,20 @@ def validate(config: ml_collections.ConfigDict, num_devices: int,
     if tc.epochs < 1:
       raise ConfigError(f"config.{stage}.epochs must be >= 1, got "
                         f"{tc.epochs}.")
-    if tc.batch_size < 1 or tc.batch_size % num_devices:
+    if tc.batch_size < 1:
+      raise ConfigError(f"config.{stage}.batch_size={tc.batch_size} must be "
+                        "at least 1 (it is the global batch, split over the "
+                        f"{num_devices} device(s)).")
+    if tc.batch_size % num_devices:
       raise ConfigError(
           f"config.{stage}.batch_size={tc.batch_size} is not divisible by the "
           f"{num_devices} devices; use a multiple of {num_devices}, e.g. "
           f"--config.{stage}.batch_size="
           f"{max(num_devices, tc.batch_size // num_devices * num_devices)}.")
-  if config.eval.batch_size < 1 or config.eval.batch_size % num_devices:
+  if config.eval.batch_size < 1:
+    raise ConfigError(f"config.eval.batch_size={config.eval.batch_size} must "
+                      "be at least 1.")
+  if config.eval.batch_size % num_devices:
     raise ConfigError(
         f"config.eval.batch_size={config.eval.batch_size} is not divisible "
         f"by the {num_devices} devices; use a multiple of {num_devices}.")
@@ -159,6 +169,9 @@ def validate(config: ml_collections.ConfigDict, num_devices: int,
     if not 0.0 <= float(rate) < 1.0:
       raise ConfigError(f"config.eval.missing_rates={rates} has {rate}; each "
                         "rate must be in [0, 1), e.g. (0.0, 0.2, 0.4, 0.6).")
+  if config.logging.wandb_mode not in logs.WANDB_MODES:
+    raise ConfigError(f"config.logging.wandb_mode={config.logging.wandb_mode!r}"
+                      f" must be one of {logs.WANDB_MODES}.")
   for stage in ("teacher", "student"):
     name = config[stage].optimizer.name
     if name not in ("sgd", "adam", "adamw"):

@@ -57,6 +57,7 @@ def _fetcher(split: Split, teacher: Mapping[str, Any] | None,
       batch["present"] = {m: np.asarray(v[idx], np.float32)
                           for m, v in present.items()}
     if teacher_keys:
+      assert teacher is not None, "teacher_keys need the teacher cache"
       batch["teacher"] = {
           key: {m: np.asarray(teacher[m][key][idx]) for m in teacher}
           for key in sorted(teacher_keys)}

@@ -1,13 +1,36 @@
-"""A run's log files: JSON lines (`metrics.jsonl`, `steps.jsonl`) and plots."""
+"""A run's logs: JSON lines (`metrics.jsonl`, `steps.jsonl`, the source of
+truth), the same scalars and the curves as TensorBoard event files, and
+optionally Weights & Biases; plots."""
 
 from __future__ import annotations
 
 import json
 import os
+import time
 from collections.abc import Mapping
 from typing import Any
 
+import ml_collections
+import numpy as np
+
 from g2d_jax import artifacts
+from g2d_jax.errors import ConfigError
+
+TENSORBOARD_DIR = "tensorboard"
+WANDB_MODES = ("offline", "online", "disabled")
+
+
+def logging_config() -> ml_collections.ConfigDict:
+  """`config.logging`: where a run's metrics go besides metrics.jsonl."""
+  return ml_collections.ConfigDict(dict(
+      # TensorBoard event files in <stage dir>/tensorboard (tensorboardX).
+      tensorboard=True,
+      # Weights & Biases (pip install wandb); "offline" needs no account
+      # (`wandb sync <dir>` uploads later).
+      wandb=False,
+      wandb_mode="offline",
+      wandb_project="g2d_jax",
+  ))
 
 
 class JsonlWriter:
@@ -21,10 +44,20 @@ class JsonlWriter:
       f.write(json.dumps(artifacts.to_jsonable(record), sort_keys=True) + "\n")
 
   def read(self) -> list[dict[str, Any]]:
+    """The records; a last line cut short by a kill is dropped (the run
+    that resumes replays it)."""
     if not os.path.exists(self.path):
       return []
     with open(self.path) as f:
-      return [json.loads(line) for line in f if line.strip()]
+      lines = [line for line in f if line.strip()]
+    records = []
+    for i, line in enumerate(lines):
+      try:
+        records.append(json.loads(line))
+      except json.JSONDecodeError:
+        if i + 1 < len(lines) or line.endswith("\n"):
+          raise
+    return records
 
   def truncate_after(self, key: str, value: float) -> None:
     """Drops records with record[key] > value (written after a checkpoint)."""
@@ -36,6 +69,94 @@ class JsonlWriter:
           f.write(json.dumps(r, sort_keys=True) + "\n")
 
     artifacts.replace_file(self.path, write)
+
+
+def _scalars(record: Mapping[str, Any]) -> dict[str, float]:
+  return {k: float(v) for k, v in record.items()
+          if isinstance(v, (int, float)) and not isinstance(v, bool)
+          and k not in ("epoch", "step")}
+
+
+class RunLog:
+  """One training stage's logs (`<directory>/metrics.jsonl`, `steps.jsonl`,
+  `tensorboard/`, W&B), written together.
+
+  The JSON lines are what a resumed run truncates and replays; TensorBoard
+  is told to drop the events after the resumed step (`purge_step`), so its
+  curves have no duplicated steps either.
+  """
+
+  def __init__(self, directory: str, name: str,
+               config: ml_collections.ConfigDict | None = None,
+               resume_step: int = 0):
+    cfg = config if config is not None else logging_config()
+    self.epochs = JsonlWriter(os.path.join(directory, "metrics.jsonl"))
+    self.steps = JsonlWriter(os.path.join(directory, "steps.jsonl"))
+    self._tb = self._wandb = None
+    if cfg.tensorboard:
+      from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+      # Events after the resumed step are dropped from the earlier files.
+      # A unique file per writer: the default name has one-second resolution
+      # and a quick rerun would overwrite the killed run's events.
+      self._tb = SummaryWriter(os.path.join(directory, TENSORBOARD_DIR),
+                               purge_step=resume_step + 1 if resume_step
+                               else None,
+                               filename_suffix=f".{os.getpid()}.{time.time_ns()}")
+    if cfg.wandb:
+      if cfg.wandb_mode not in WANDB_MODES:
+        raise ConfigError(f"config.logging.wandb_mode={cfg.wandb_mode!r} "
+                          f"must be one of {WANDB_MODES}.")
+      try:
+        import wandb  # pylint: disable=g-import-not-at-top
+      except ImportError:
+        raise ConfigError("config.logging.wandb=True needs Weights & Biases: "
+                          "pip install wandb (or leave it False).") from None
+      self._wandb = wandb.init(project=cfg.wandb_project, name=name,
+                               dir=directory, mode=cfg.wandb_mode,
+                               reinit="finish_previous")
+
+  def step(self, record: Mapping[str, Any]) -> None:
+    """A per-step record `{"step": s, "loss": ..., "kappa/<m>": ...}`."""
+    self.steps.write(record)
+    scalars = _scalars(record)
+    if self._tb is not None:
+      for k, v in scalars.items():
+        self._tb.add_scalar(f"step/{k}", v, record["step"])
+    if self._wandb is not None:
+      self._wandb.log({f"step/{k}": v for k, v in scalars.items()},
+                      step=record["step"])
+
+  def epoch(self, record: Mapping[str, Any]) -> None:
+    """An epoch record `{"epoch", "step", "train/...", "val/...", ...}`."""
+    self.epochs.write(record)
+    scalars = _scalars(record)
+    if self._tb is not None:
+      for k, v in scalars.items():
+        self._tb.add_scalar(k, v, record["step"])
+      self._tb.flush()
+    if self._wandb is not None:
+      self._wandb.log(dict(scalars, epoch=record["epoch"]),
+                      step=record["step"])
+
+  def image(self, tag: str, png_path: str | None, step: int) -> None:
+    """A PNG (the stage's curves) as an image at `step`."""
+    if png_path is None or not os.path.exists(png_path):
+      return
+    if self._tb is not None:
+      from PIL import Image  # pylint: disable=g-import-not-at-top
+      with Image.open(png_path) as img:
+        pixels = np.asarray(img.convert("RGB"))
+      self._tb.add_image(tag, pixels, step, dataformats="HWC")
+    if self._wandb is not None:
+      import wandb  # pylint: disable=g-import-not-at-top
+      self._wandb.log({tag: wandb.Image(png_path)}, step=step)
+
+  def close(self) -> None:
+    if self._tb is not None:
+      self._tb.close()
+    if self._wandb is not None:
+      self._wandb.finish()
+      self._wandb = None
 
 
 def plot_curves(records: list[Mapping[str, Any]], path: str, title: str,

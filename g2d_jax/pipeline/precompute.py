@@ -92,9 +92,8 @@ def run(config: ml_collections.ConfigDict, dataset: MultimodalDataset,
       os.makedirs(os.path.join(tmp, split_name))
       for m, (model, weights) in loaded.items():
         probe = jax.eval_shape(
-            lambda w, x: steps.apply_model(model, w["params"],
-                                           w["batch_stats"], x,
-                                           train=False)[0],
+            lambda w, x, model=model: steps.apply_model(
+                model, w["params"], w["batch_stats"], x, train=False)[0],
             weights, build.example_inputs(split, 1))
         dims = {"features": probe.features[m].shape[-1],
                 "logits": int(np.prod(probe.logits.shape[1:]))}
@@ -148,7 +147,7 @@ def load_cache(workdir: str, dataset: MultimodalDataset,
           f"the teacher cache at {final} does not match this run: its "
           f"'{key}' differs ({_short(have.get(key))} vs expected "
           f"{_short(value)}). Delete {final} and run --mode=precompute.")
-  out = {}
+  out: dict[str, dict[str, dict[str, np.ndarray]]] = {}
   for split_name in dataset.splits:
     out[split_name] = {}
     for m in dataset.modalities:

@@ -8,7 +8,7 @@ traced argument), and the state is donated. Nothing here syncs with the host.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import flax
 import flax.linen as nn
@@ -34,11 +34,14 @@ class TrainState:
   `method_state` holds what a balancing method carries across steps (MLA's
   projection matrix, PMR's prototypes); None for stateless methods.
   """
-  step: Array
+  step: Any          # int32 scalar (an array once on the devices)
   params: Any
   batch_stats: Any
   opt_state: Any
   method_state: Any = None
+
+  if TYPE_CHECKING:  # flax.struct.dataclass adds it
+    def replace(self, **updates: Any) -> TrainState: ...
 
 
 def make_optimizer(cfg: ml_collections.ConfigDict,

@@ -194,8 +194,12 @@ def make_epoch_hook(student: Student, train: Any, batch_size: int, seed: int,
 def train_student(config: ml_collections.ConfigDict,
                   dataset: MultimodalDataset, workdir: str,
                   mesh: jax.sharding.Mesh,
-                  stop_after_steps: int | None = None) -> dict[str, Any]:
-  """Trains (or finds already trained) the student; returns its record."""
+                  stop_after_steps: int | None = None,
+                  on_rate: Callable[[float, int], None] | None = None
+                  ) -> dict[str, Any]:
+  """Trains (or finds already trained) the student; returns its record
+  (best epoch and validation scores, digest of the best weights).
+  `on_rate` is `trainer.fit`'s."""
   if methods.trains_nothing(config.method):
     raise ConfigError(
         f"config.method={config.method!r} trains no student: it is the "
@@ -240,9 +244,11 @@ def train_student(config: ml_collections.ConfigDict,
                                  config.seed, mesh),
       log_every_steps=config.log_every_steps,
       checkpoint_every_steps=config.student.checkpoint_every_steps,
-      stop_after_steps=stop_after_steps)
-  plot(fit.history, directory, config.method)
-  return records.mark_done(directory, fp, {"best": fit.best})
+      log_config=config.logging,
+      plot=lambda history: plot(history, directory, config.method),
+      on_rate=on_rate, stop_after_steps=stop_after_steps)
+  return records.mark_done(directory, fp, {
+      "best": fit.best, "digest": records.weights_digest(fit.weights)})
 
 
 def diagnostics_cache(config: ml_collections.ConfigDict,

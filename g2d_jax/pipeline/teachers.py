@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import os
+from collections.abc import Callable
 from typing import Any
 
 from absl import logging
@@ -37,8 +39,11 @@ def fingerprint(config: ml_collections.ConfigDict,
 def train_teachers(config: ml_collections.ConfigDict,
                    dataset: MultimodalDataset, workdir: str,
                    mesh: jax.sharding.Mesh,
-                   stop_after_steps: int | None = None) -> dict[str, Any]:
-  """Trains (or finds already trained) teachers; returns their val results."""
+                   stop_after_steps: int | None = None,
+                   on_rate: Callable[[float, int], None] | None = None
+                   ) -> dict[str, Any]:
+  """Trains (or finds already trained) teachers; returns their val results.
+  `on_rate` is `trainer.fit`'s."""
   results = {}
   train = dataset.splits["train"]
   spe = loader.steps_per_epoch(len(train), config.teacher.batch_size)
@@ -63,10 +68,12 @@ def train_teachers(config: ml_collections.ConfigDict,
         name=f"teacher/{m}", directory=directory, state=state, step_fn=step,
         train_split=train, batch_size=config.teacher.batch_size,
         epochs=config.teacher.epochs, seed=config.seed, task=dataset.task,
-        evaluate=lambda p, b: scoring.evaluate_split(
-            eval_step, p, b, val, config.eval.batch_size, mesh),
+        evaluate=functools.partial(
+            scoring.evaluate_split, eval_step, split=val,
+            batch_size=config.eval.batch_size, mesh=mesh),
         mesh=mesh, fingerprint=fp, log_every_steps=config.log_every_steps,
         checkpoint_every_steps=config.teacher.checkpoint_every_steps,
+        log_config=config.logging, on_rate=on_rate,
         stop_after_steps=stop_after_steps)
     results[m] = records.mark_done(directory, fp, {
         "best": fit.best, "digest": records.weights_digest(fit.weights)})

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -68,6 +69,9 @@ def fit(*, name: str, directory: str, state: TrainState,
         monitors: Mapping[str, Callable[[Any, Any], dict[str, float]]]
         | None = None,
         log_every_steps: int = 100, checkpoint_every_steps: int = 0,
+        log_config: Any = None,
+        plot: Callable[[list[dict[str, Any]]], str | None] | None = None,
+        on_rate: Callable[[float, int], None] | None = None,
         stop_after_steps: int | None = None) -> FitResult:
   """Trains `state` for `epochs`, resuming from `directory` if possible.
 
@@ -98,6 +102,11 @@ def fit(*, name: str, directory: str, state: TrainState,
       learning curves); never used for model selection.
     log_every_steps: progress and host-sync interval.
     checkpoint_every_steps: also checkpoint mid-epoch every this many steps.
+    log_config: `config.logging` (TensorBoard, W&B; `logs.RunLog`).
+    plot: `plot(history) -> png path`, run at the end; the image also goes
+      to TensorBoard.
+    on_rate: called once with (steps/s, steps left in this stage), measured
+      over the second progress interval (the first includes compilation).
     stop_after_steps: raise `Interrupted` after this many steps of this call.
 
   Returns:
@@ -105,17 +114,15 @@ def fit(*, name: str, directory: str, state: TrainState,
   """
   os.makedirs(directory, exist_ok=True)
   ckpt = checkpoint.RunCheckpoints(os.path.join(directory, "checkpoints"))
-  epoch_log = logs.JsonlWriter(os.path.join(directory, "metrics.jsonl"))
-  step_log = logs.JsonlWriter(os.path.join(directory, "steps.jsonl"))
   spe = loader.steps_per_epoch(len(train_split), batch_size)
   if spe == 0:
     raise TrainingError(
         f"{name}: the training split has {len(train_split)} examples, fewer "
         f"than one batch of {batch_size}; lower the batch size.")
 
-  meta = {"format": META_FORMAT, "epoch": 0, "step_in_epoch": 0,
-          "sums": None, "steps_in_sums": 0, "best": None,
-          "fingerprint": dict(fingerprint)}
+  meta: dict[str, Any] = {
+      "format": META_FORMAT, "epoch": 0, "step_in_epoch": 0, "sums": None,
+      "steps_in_sums": 0, "best": None, "fingerprint": dict(fingerprint)}
   restored = ckpt.restore_latest(state)
   if restored is not None:
     state, meta = restored
@@ -135,9 +142,11 @@ def fit(*, name: str, directory: str, state: TrainState,
     logging.info("%s: resuming at epoch %d step %d", name, meta["epoch"],
                  meta["step_in_epoch"])
   done_global = meta["epoch"] * spe + meta["step_in_epoch"]
+  run_log = logs.RunLog(directory, name, log_config, resume_step=done_global)
   # Records written after the checkpoint we resume from are replayed.
-  epoch_log.truncate_after("epoch", meta["epoch"] - 1)
-  step_log.truncate_after("step", done_global)
+  run_log.epochs.truncate_after("epoch", meta["epoch"] - 1)
+  run_log.steps.truncate_after("step", done_global)
+  rate_marks: list[tuple[float, int]] = []
 
   rng = jax.random.key(seed)
   progress = Progress(name, epochs * spe, done_global,
@@ -166,7 +175,7 @@ def fit(*, name: str, directory: str, state: TrainState,
       sums = metrics_lib.add(sums, m)
       per_step = {k: float(v) for k, v in scalars.items()
                   if k == "loss" or k.startswith(_PER_STEP)}
-      step_log.write({"step": first + i, **per_step})
+      run_log.step({"step": first + i, **per_step})
     n_in_sums += len(host)
     pending.clear()
 
@@ -193,6 +202,11 @@ def fit(*, name: str, directory: str, state: TrainState,
         if global_step % log_every_steps == 0:
           drain(global_step)
           progress.update(global_step, f"loss {mean_loss():.4f}")
+          if on_rate is not None and len(rate_marks) < 2:
+            rate_marks.append((time.perf_counter(), global_step))
+            if len(rate_marks) == 2:
+              (t0, s0), (t1, s1) = rate_marks
+              on_rate((s1 - s0) / max(t1 - t0, 1e-9), epochs * spe - s1)
         if (checkpoint_every_steps and (i + 1) % checkpoint_every_steps == 0
             and i + 1 < spe):
           drain(global_step)
@@ -217,7 +231,7 @@ def fit(*, name: str, directory: str, state: TrainState,
         ckpt.save_best((epoch + 1) * spe, {"params": state.params,
                                            "batch_stats": state.batch_stats},
                        {"epoch": epoch, "val": val})
-      epoch_log.write(record)
+      run_log.epoch(record)
       logging.info("%s epoch %d: train loss %.4f, val %s%s", name, epoch,
                    train.get("loss", float("nan")),
                    _fmt(val), "  (best)" if best["epoch"] == epoch else "")
@@ -227,9 +241,12 @@ def fit(*, name: str, directory: str, state: TrainState,
       ckpt.save_latest((epoch + 1) * spe, state, meta)
     weights, best_meta = ckpt.restore_best(
         {"params": state.params, "batch_stats": state.batch_stats})
-    return FitResult(weights=weights, best=best_meta,
-                     history=epoch_log.read())
+    history = run_log.epochs.read()
+    if plot is not None:
+      run_log.image("curves", plot(history), epochs * spe)
+    return FitResult(weights=weights, best=best_meta, history=history)
   finally:
+    run_log.close()
     ckpt.close()
 
 
