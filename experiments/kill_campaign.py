@@ -9,9 +9,9 @@ of its summary.json (teachers, teacher ensemble, student) and the sha256
 digests of the selected teacher and student weights (their done.json).
 Each trial then starts the same command in a fresh workdir with a fresh
 data cache, SIGKILLs it after a uniformly random time in (0, reference wall
-time), reruns the command to completion and compares. The stage the kill
-hit (data build, teachers, precompute, student, eval) is read from the
-killed run's log.
+time) (or from `--from_fraction` of it), reruns the command to completion
+and compares. The stage the kill hit (data build, teachers, precompute,
+student, eval) is read from the killed run's log.
 """
 
 from __future__ import annotations
@@ -76,6 +76,9 @@ def main() -> int:
   p.add_argument("--trials", type=int, default=30)
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--out", required=True)
+  p.add_argument("--from_fraction", type=float, default=0.0,
+                 help="kill no earlier than this fraction of the reference "
+                 "wall time (e.g. 0.9 aims at the evaluation stage)")
   args = p.parse_args()
   root = os.path.abspath(args.root)
   os.makedirs(root, exist_ok=True)
@@ -93,7 +96,7 @@ def main() -> int:
     workdir = os.path.join(root, f"trial{i:02d}")
     cache = os.path.join(root, f"trial{i:02d}_cache")
     log_path = workdir + ".killed.log"
-    t_kill = rng.uniform(0.0, wall)
+    t_kill = rng.uniform(args.from_fraction * wall, wall)
     with open(log_path, "w") as log:
       proc = subprocess.Popen(command(workdir), cwd=ROOT, env=env_for(cache),
                               stdout=subprocess.DEVNULL, stderr=log)

@@ -9,11 +9,14 @@ from absl import logging
 
 
 def format_seconds(s: float) -> str:
-  """`h:mm:ss`, or "?" when unknown."""
+  """`h:mm:ss` (with `<d>d ` in front from two days on), or "?"."""
   if not math.isfinite(s):
     return "?"
   s = int(round(s))
-  return f"{s // 3600:d}:{s % 3600 // 60:02d}:{s % 60:02d}"
+  days = f"{s // 86400}d " if s >= 2 * 86400 else ""
+  if days:
+    s %= 86400
+  return f"{days}{s // 3600:d}:{s % 3600 // 60:02d}:{s % 60:02d}"
 
 
 class Progress:
