@@ -149,7 +149,8 @@ def regression_scores(model: Any, params: Any, batch_stats: Any,
 
 
 def run(config: ml_collections.ConfigDict, dataset: MultimodalDataset,
-        workdir: str, mesh: jax.sharding.Mesh) -> dict[str, Any]:
+        workdir: str, mesh: jax.sharding.Mesh,
+        student: student_lib.Student | None = None) -> dict[str, Any]:
   """Evaluates on the test split and writes `<workdir>/summary.json`.
 
   The summary holds every teacher, the teachers' ensemble (UME,
@@ -186,7 +187,7 @@ def run(config: ml_collections.ConfigDict, dataset: MultimodalDataset,
                summary["teacher_ensemble"][f"test_{kind}"])
   if not methods.trains_nothing(config.method):
     summary["student"] = student_summary(config, dataset, workdir, mesh,
-                                         summary["teachers"])
+                                         summary["teachers"], student)
   summary["data_fingerprint"] = dataset.fingerprint
   summary["config"] = artifacts.plain(config)
   summary["versions"] = versions()
@@ -196,13 +197,14 @@ def run(config: ml_collections.ConfigDict, dataset: MultimodalDataset,
 
 def student_summary(config: ml_collections.ConfigDict,
                     dataset: MultimodalDataset, workdir: str,
-                    mesh: jax.sharding.Mesh,
-                    teachers: dict[str, Any]) -> dict[str, Any]:
+                    mesh: jax.sharding.Mesh, teachers: dict[str, Any],
+                    student: student_lib.Student | None = None
+                    ) -> dict[str, Any]:
   """Test scores of the trained student (`summary["student"]`)."""
   test = dataset.splits["test"]
   kind = _metric(dataset.task)
   student, weights, meta = student_lib.load_student(config, dataset, workdir,
-                                                    mesh)
+                                                    mesh, student)
   eval_step = scoring.make_eval_step(student.model, dataset.task)
   params, batch_stats = weights["params"], weights["batch_stats"]
   diag = student_lib.diagnostics_cache(config, dataset, workdir)

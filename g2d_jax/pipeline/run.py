@@ -99,10 +99,11 @@ def run(config: ml_collections.ConfigDict, workdir: str, mode: str = "all",
   mesh = mesh_lib.data_mesh(devices)
   dataset = data.load_dataset(config.data)
   config_lib.validate(config, mesh.devices.size, tuple(dataset.modalities))
+  built = None
   if not methods.trains_nothing(config.method):
-    # Builds nothing but shapes: a bad encoder, fusion or method setting
-    # fails here, before any stage has trained.
-    student.build_student(config, dataset, mesh, init=False)
+    # The student, as shapes only (the stages below share it): a bad
+    # encoder, fusion or method setting fails here, before any training.
+    built = student.build_student(config, dataset, mesh, init=False)
   os.makedirs(workdir, exist_ok=True)
   # What killed runs of ours left behind (temporary files and directories
   # of processes that no longer exist).
@@ -127,8 +128,10 @@ def run(config: ml_collections.ConfigDict, workdir: str, mode: str = "all",
       "precompute": lambda: precompute.run(config, dataset, workdir, mesh),
       "student": lambda: student.train_student(
           config, dataset, workdir, mesh,
-          on_rate=lambda r, left: estimate("student", r, left)),
-      "eval": lambda: evaluate.run(config, dataset, workdir, mesh),
+          on_rate=lambda r, left: estimate("student", r, left),
+          student=built),
+      "eval": lambda: evaluate.run(config, dataset, workdir, mesh,
+                                   student=built),
   }
   results = {}
   for name in order:

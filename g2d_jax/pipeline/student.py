@@ -195,17 +195,19 @@ def train_student(config: ml_collections.ConfigDict,
                   dataset: MultimodalDataset, workdir: str,
                   mesh: jax.sharding.Mesh,
                   stop_after_steps: int | None = None,
-                  on_rate: Callable[[float, int], None] | None = None
-                  ) -> dict[str, Any]:
+                  on_rate: Callable[[float, int], None] | None = None,
+                  student: Student | None = None) -> dict[str, Any]:
   """Trains (or finds already trained) the student; returns its record
   (best epoch and validation scores, digest of the best weights).
-  `on_rate` is `trainer.fit`'s."""
+  `on_rate` is `trainer.fit`'s; `student`, if given, is this config's
+  `build_student(..., init=False)`."""
   if methods.trains_nothing(config.method):
     raise ConfigError(
         f"config.method={config.method!r} trains no student: it is the "
         "ensemble of the unimodal teachers, reported by the evaluation stage; "
         "run --mode=eval (or --mode=all).")
-  student = build_student(config, dataset, mesh, init=False)
+  if student is None:
+    student = build_student(config, dataset, mesh, init=False)
   keys = student.teacher_outputs
   digests = (teachers_lib.teacher_digests(config, dataset, workdir)
              if keys else None)
@@ -278,15 +280,18 @@ def plot(history, directory: str, method: str = "") -> str | None:
 
 
 def load_student(config: ml_collections.ConfigDict, dataset: MultimodalDataset,
-                 workdir: str, mesh: jax.sharding.Mesh
+                 workdir: str, mesh: jax.sharding.Mesh,
+                 student: Student | None = None
                  ) -> tuple[Student, dict[str, Any], dict[str, Any]]:
-  """(student, best weights, their metadata) of the trained student."""
+  """(student, best weights, their metadata) of the trained student
+  (`student`: this config's `build_student(..., init=False)`, if built)."""
   directory = student_dir(workdir, config)
   if not os.path.exists(os.path.join(directory, records.DONE)):
     raise CacheMismatchError(
         f"no trained student in {directory}; run --mode=student (or "
         "--mode=all) first.")
-  student = build_student(config, dataset, mesh, init=False)
+  if student is None:
+    student = build_student(config, dataset, mesh, init=False)
   ckpt = checkpoint.RunCheckpoints(os.path.join(directory, "checkpoints"))
   try:
     weights, meta = ckpt.restore_best(student.abstract_weights())
