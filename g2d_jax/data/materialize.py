@@ -26,7 +26,7 @@ import datetime
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, TypeGuard
 
 from absl import logging
 import numpy as np
@@ -48,8 +48,9 @@ def read_manifest(directory: str) -> dict[str, Any] | None:
     return None
 
 
-def _matches(manifest: Mapping[str, Any] | None,
-             expected: Mapping[str, Any]) -> bool:
+def matches(manifest: Mapping[str, Any] | None,
+            expected: Mapping[str, Any]) -> TypeGuard[dict[str, Any]]:
+  """Whether a manifest is complete and has every `expected` entry."""
   return (manifest is not None and bool(manifest.get("complete"))
           and all(manifest.get(k) == v for k, v in expected.items()))
 
@@ -75,12 +76,12 @@ def build_once(final_dir: str, expected: Mapping[str, Any],
       `replace_stale`).
   """
   final_dir = os.path.abspath(final_dir)
-  if _matches(read_manifest(final_dir), expected):
+  if matches(read_manifest(final_dir), expected):
     return read_manifest(final_dir)
   parent, name = os.path.split(final_dir)
   with artifacts.file_lock(os.path.join(parent, f".{name}.lock")):
     have = read_manifest(final_dir)
-    if _matches(have, expected):
+    if matches(have, expected):
       return have
     fix = f"delete {final_dir} and run again to rebuild it"
     if os.path.exists(final_dir) and not replace_stale:

@@ -113,8 +113,7 @@ def run(config: ml_collections.ConfigDict, dataset: MultimodalDataset,
                 devices=len(mesh.devices.flat))
 
   have = materialize.read_manifest(final)
-  if have is not None and have.get("complete") and all(
-      have.get(k) == v for k, v in want.items()):
+  if materialize.matches(have, want):
     logging.info("teacher cache at %s matches; skipping", final)
     return have
   if have is not None:
