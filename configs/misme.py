@@ -57,16 +57,14 @@ def get_config(preset: str = "paper") -> ml_collections.ConfigDict:
                      use_batchnorm=True, dropout_rate=0.0)))
     c.teacher = train_config(300, 16, optimizer_config(1e-3))
     c.student = train_config(300, 16, optimizer_config(1e-3))
-    c.gating.taus = (151,)
   else:
     c.data.image_size = 96
     c.model.encoders = ml_collections.ConfigDict(dict(
         image=dict(kind="mobilenetv2", width_multiplier=0.35),
         tabular=dict(kind="mlp", hidden_dims=(64, 32, 16),
                      use_batchnorm=True, dropout_rate=0.0)))
-    c.teacher = train_config(6, 32, optimizer_config(0.01, decay_epochs=(4,)))
-    c.student = train_config(6, 32, optimizer_config(0.01, decay_epochs=(4,)))
-    c.gating.taus = (3,)
+    c.teacher = train_config(6, 32, optimizer_config(0.01))
+    c.student = train_config(6, 32, optimizer_config(0.01))
     c.eval.batch_size = 64
     c.log_every_steps = 20
   if method:

@@ -39,9 +39,12 @@ def get_config(preset: str = "classification") -> ml_collections.ConfigDict:
   names = tuple(f"m{i}" for i in range(c.data.num_modalities))
   mlp = dict(kind="mlp", hidden_dims=(64, 32))
   c.model.encoders = ml_collections.ConfigDict({m: dict(mlp) for m in names})
-  c.teacher = train_config(20, 50, optimizer_config(0.02, decay_epochs=()))
-  c.student = train_config(20, 50, optimizer_config(0.02, decay_epochs=()))
-  c.gating.taus = (5, 5) if preset == "three" else (10,)
+  c.teacher = train_config(20, 50, optimizer_config(0.02, decay_fractions=()))
+  c.student = train_config(20, 50, optimizer_config(0.02, decay_fractions=()))
+  # Half of training prioritises weak modalities (the default 151/300 for
+  # two; a quarter per stage for three).
+  if preset == "three":
+    c.gating.tau_fractions = (0.25, 0.25)
   c.eval.batch_size = 100
   c.log_every_steps = 40
   return presets.finish(c, method)

@@ -127,7 +127,8 @@ TABLES: dict[str, list[tuple[str, str, Paper]]] = {
 def preset_taus(preset: str) -> tuple[int, ...]:
   sys.path.insert(0, ROOT)
   from configs import avmnist  # pylint: disable=g-import-not-at-top
-  return tuple(avmnist.get_config(preset).gating.taus)
+  from g2d_jax import schedule  # pylint: disable=g-import-not-at-top
+  return schedule.gating_taus(avmnist.get_config(preset))
 
 
 def overrides(run: str, preset: str) -> list[str]:

@@ -49,7 +49,7 @@ def main(argv):
   train = ds.splits["train"]
   spe = loader.steps_per_epoch(len(train), c.teacher.batch_size)
   model = build.teacher_model(c, ds, m)
-  tx = steps.make_optimizer(c.teacher.optimizer, spe)
+  tx = steps.make_optimizer(c.teacher.optimizer, spe, c.teacher.epochs)
   state = build.new_state(model, tx, train, c.seed, mesh)
   step = steps.TrainStep(model, tx, joint.build(c, ds.task), ds.task)
   ev = scoring.make_eval_step(model, ds.task)

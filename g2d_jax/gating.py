@@ -10,6 +10,22 @@ compiled training step serves every gating pattern.
     tx = smp_optimizer(optax.chain(optax.add_decayed_weights(1e-4),
                                    optax.sgd(1e-3, momentum=0.9)), labels)
     updates, opt_state = tx.update(grads, opt_state, params, kappa=kappa)
+
+What a gate of 0 freezes (`scope`, `config.gating.freeze_scope`):
+  "branch" (default): every parameter labelled with the modality: its
+    encoder (`encoders/<m>/backbone/**`: convolutions, dense layers and the
+    BatchNorm scale and bias inside it), its late/sum-fusion head
+    (`encoders/<m>/head`) and any head a method adds for it (`aux/<m>`).
+  "encoder": Eq. 8's theta^m literally: the encoder's parameters
+    (`encoders/<m>/backbone/**`) only; the modality's fusion head and the
+    method's heads for it are labelled `<m>:rest` and keep training.
+Under both, the frozen branch's BatchNorm running statistics keep moving
+with the training batches unless the step holds them
+(`config.gating.frozen_batch_stats = "hold"`). The official code's gate
+(`semantics="reference"`) is narrower than either: it zeroes the gradient
+of the suppressed encoder's 4-D conv kernels before SGD, so weight decay
+and momentum still move those kernels, and BatchNorm affine parameters,
+running statistics and the head all train.
 """
 
 from __future__ import annotations
@@ -27,6 +43,8 @@ LeafPredicate = Callable[[tuple[Any, ...], Array], bool]
 
 SHARED = "shared"
 SEMANTICS = ("freeze", "reference")
+SCOPES = ("branch", "encoder")
+REST = ":rest"   # label suffix of a modality's non-encoder parameters
 
 
 def path_keys(path: tuple[Any, ...]) -> list[Any]:
@@ -44,19 +62,34 @@ def leaf_modality(path: tuple[Any, ...],
   return None
 
 
+def is_encoder_leaf(path: tuple[Any, ...], modality: str) -> bool:
+  """Whether the leaf is in modality's encoder, `encoders/<m>/backbone/...`
+  (not its fusion head or projection, nor a method's extra heads)."""
+  return path_keys(path)[:3] == ["encoders", modality, "backbone"]
+
+
+def rest_label(modality: str) -> str:
+  """The label of a modality's non-encoder parameters under scope
+  "encoder" (they follow the modality's mask, never its SMP kappa)."""
+  return modality + REST
+
+
 def modality_labels(params: PyTree, modalities: Sequence[str],
-                    shared: str = SHARED) -> PyTree:
+                    shared: str = SHARED, *, scope: str = "branch") -> PyTree:
   """Labels every parameter leaf with its modality, or `shared`.
 
   A leaf belongs to modality m when m is a key on its path (the first such key
   wins, `leaf_modality`), e.g.
   `params["encoders"]["audio"]["backbone"]["conv_init"]["kernel"]` ->
   "audio". Everything else (fusion layers that mix modalities) is shared.
+  With `scope="encoder"` only m's encoder leaves are labelled m; its other
+  leaves (fusion head, method heads) are labelled `rest_label(m)`.
 
   Args:
     params: the parameter pytree (nested dicts).
     modalities: modality names, each of which must occur as a key.
     shared: the label for parameters of no single modality.
+    scope: "branch" or "encoder" (what a gate of 0 freezes; module doc).
 
   Returns:
     A pytree of the same structure as `params` with string leaves.
@@ -64,9 +97,19 @@ def modality_labels(params: PyTree, modalities: Sequence[str],
   modalities = tuple(modalities)
   if shared in modalities:
     raise ValueError(f"a modality may not be called {shared!r}.")
-  labels = jax.tree_util.tree_map_with_path(
-      lambda path, _: leaf_modality(path, modalities) or shared, params)
-  seen = set(jax.tree.leaves(labels))
+  if scope not in SCOPES:
+    raise ValueError(f"scope={scope!r} is not one of {SCOPES}.")
+
+  def label(path, _):
+    m = leaf_modality(path, modalities)
+    if m is None:
+      return shared
+    if scope == "encoder" and not is_encoder_leaf(path, m):
+      return rest_label(m)
+    return m
+
+  labels = jax.tree_util.tree_map_with_path(label, params)
+  seen = {x.removesuffix(REST) for x in jax.tree.leaves(labels)}
   absent = [m for m in modalities if m not in seen]
   if absent:
     raise ValueError(f"modalities {absent} are not keys anywhere in the "
@@ -196,11 +239,29 @@ def smp_optimizer(inner: optax.GradientTransformation,
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
+def group_gates(kappa: Mapping[str, Array],
+                mask: Mapping[str, Array] | None = None) -> dict[str, Array]:
+  """The `kappa=` argument for every label group: modality m's encoder (or
+  branch) gets kappa[m] * mask[m]; its `rest_label(m)` group (scope
+  "encoder") only mask[m], so a method's per-modality mask still covers
+  the whole branch while SMP freezes the encoder alone."""
+  out: dict[str, Array] = {}
+  for m, k in kappa.items():
+    keep = jnp.float32(1.0) if mask is None else jnp.asarray(mask[m],
+                                                             jnp.float32)
+    out[m] = jnp.asarray(k, jnp.float32) * keep
+    out[rest_label(m)] = keep
+  return out
+
+
 def _lookup_kappa(kappa: Mapping[str, Array] | None, modality: str) -> Array:
   if kappa is None:
     raise TypeError("an SMP-gated optimizer needs the gate: call "
                     "tx.update(grads, state, params, kappa={modality: k, ...}) "
                     "(all ones trains every modality).")
+  if modality not in kappa and modality.endswith(REST):
+    # A modality's non-encoder group is never gated by SMP itself.
+    return jnp.float32(1.0)
   if modality not in kappa:
     raise KeyError(f"kappa has no entry for modality {modality!r}; it has "
                    f"{sorted(kappa)}.")

@@ -2,6 +2,7 @@
 example (its batch-wise accumulation in evaluation is in
 test_pipeline_scoring.py)."""
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -52,3 +53,54 @@ def test_perfectly_calibrated_and_masked_predictions():
   assert float(calibration.ece_from_bins(*calibration.calibration_bins(
       probs, labels, 15, from_logits=False, mask_B=np.zeros(2)))) == 0.0
 
+
+
+def _tempered_sample(temperature, n=20000, c=5, seed=0):
+  """Labels drawn from softmax(z); the model reports z * temperature, so
+  the calibrating temperature is `temperature`."""
+  rng = np.random.default_rng(seed)
+  z = rng.normal(scale=2.0, size=(n, c))
+  p = np.exp(z - z.max(1, keepdims=True))
+  p /= p.sum(1, keepdims=True)
+  labels = np.array([rng.choice(c, p=row) for row in p])
+  return z * temperature, labels
+
+
+@pytest.mark.parametrize("temperature", [0.5, 1.0, 3.0])
+def test_fit_temperature_recovers_the_tempering(temperature):
+  logits, labels = _tempered_sample(temperature)
+  t = calibration.fit_temperature(logits, labels)
+  assert t == pytest.approx(temperature, rel=0.04)
+  # The search's answer is the minimiser on a fine grid (a second path).
+  grid = np.exp(np.linspace(np.log(t) - 0.05, np.log(t) + 0.05, 201))
+  nll = [calibration.nll_at_temperature(logits, labels, g) for g in grid]
+  assert t == pytest.approx(grid[int(np.argmin(nll))], rel=1e-3)
+  # Accuracy is unchanged and the calibrated ECE is small.
+  before = np.argmax(logits, 1)
+  np.testing.assert_array_equal(before, np.argmax(logits / t, 1))
+  ece = float(calibration.expected_calibration_error(
+      jnp.asarray(logits / t, jnp.float32), jnp.asarray(labels)))
+  assert ece < 0.02
+
+
+def test_nll_at_temperature_matches_the_formula():
+  logits = np.array([[2.0, 0.0, -1.0], [0.5, 0.5, 3.0]])
+  labels = np.array([0, 1])
+  t = 2.0
+  z = logits / t
+  want = np.mean([np.log(np.exp(z[i]).sum()) - z[i, labels[i]]
+                  for i in range(2)])
+  assert calibration.nll_at_temperature(logits, labels, t) == pytest.approx(
+      want, rel=1e-12)
+
+
+def test_fit_temperature_edge_cases():
+  assert calibration.fit_temperature(np.zeros((0, 3)), np.zeros(0, int)) == 1.0
+  # All correct with a margin: sharper is always better, down to T_MIN.
+  logits = np.array([[5.0, 0.0], [0.0, 5.0]] * 10)
+  labels = np.array([0, 1] * 10)
+  assert calibration.fit_temperature(logits, labels) == pytest.approx(
+      calibration.T_MIN, rel=1e-6)
+  # Uninformative logits (all equal): any T gives log C; stays in range.
+  t = calibration.fit_temperature(np.zeros((4, 3)), np.array([0, 1, 2, 0]))
+  assert calibration.T_MIN <= t <= calibration.T_MAX

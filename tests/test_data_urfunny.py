@@ -11,6 +11,7 @@ import pickle
 import numpy as np
 import pytest
 
+from g2d_jax import schedule
 from g2d_jax import data
 from g2d_jax import errors
 from g2d_jax.data import sequences
@@ -207,7 +208,7 @@ def test_config_presets_build_and_validate():
     enc = paper.model.encoders[m]
     assert (enc.kind, enc.hidden_dim, enc.num_layers, enc.num_heads) == (
         "transformer", 768, 4, 8)
-  assert len(paper.gating.taus) == 2 and sum(paper.gating.taus) == 151
+  assert schedule.gating_taus(paper) == (75, 76)
 
 
 def test_small_model_accepts_fixture_inputs(fixture):

@@ -13,6 +13,7 @@ import pytest
 import scipy.io.wavfile
 from PIL import Image
 
+from g2d_jax import schedule
 from g2d_jax import data
 from g2d_jax import errors
 from g2d_jax.data import base
@@ -240,7 +241,7 @@ def test_config_presets_build_and_validate():
   module = fx.check_presets("vggsound", vggsound.MODALITIES, ("smoke,umt",))
   paper = module.get_config("paper")
   assert paper.data.num_frames == 3 and paper.data.crop == "center"
-  assert paper.student.epochs == 300 and tuple(paper.gating.taus) == (151,)
+  assert paper.student.epochs == 300 and schedule.gating_taus(paper) == (151,)
 
 
 def test_smoke_model_accepts_fixture_inputs(dataset):

@@ -253,3 +253,50 @@ def test_reference_semantics_refuses_a_branch_without_conv_kernels():
   with pytest.raises(ValueError, match="modality 'image' has none"):
     tx.init(params)
   g2d_jax.smp_optimizer(optax.sgd(0.1), labels, semantics="freeze").init(params)
+
+
+def test_encoder_scope_labels_only_the_encoder_with_the_modality():
+  params = tiny_params()
+  params["aux"] = {"audio": {"kernel": jnp.ones((2, 3))}}
+  labels = g2d_jax.modality_labels(params, ("audio", "image"),
+                                   scope="encoder")
+  assert labels["encoders"]["audio"]["backbone"]["conv"]["kernel"] == "audio"
+  assert labels["encoders"]["audio"]["backbone"]["bn"]["scale"] == "audio"
+  assert labels["encoders"]["audio"]["head"]["bias"] == "audio:rest"
+  assert labels["aux"]["audio"]["kernel"] == "audio:rest"
+  assert labels["fusion"]["kernel"] == "shared"
+  assert sorted(jax.tree.leaves(labels)).count("audio") == 3
+  with pytest.raises(ValueError, match="scope='head' is not one of"):
+    g2d_jax.modality_labels(params, ("audio", "image"), scope="head")
+
+
+def test_group_gates_mask_the_rest_but_never_apply_kappa_to_it():
+  got = g2d_jax.gating.group_gates(
+      {"audio": jnp.float32(0.0), "image": jnp.float32(1.0)},
+      {"audio": jnp.float32(1.0), "image": jnp.float32(0.0)})
+  assert {k: float(v) for k, v in got.items()} == {
+      "audio": 0.0, "audio:rest": 1.0, "image": 0.0, "image:rest": 0.0}
+
+
+def test_encoder_scope_freezes_the_encoder_and_trains_its_head():
+  params0 = tiny_params()
+  frozen = {"audio": jnp.float32(0.0), "image": jnp.float32(1.0)}
+  out = {}
+  for scope in ("branch", "encoder"):
+    labels = g2d_jax.modality_labels(params0, ("audio", "image"),
+                                     scope=scope)
+    tx = g2d_jax.smp_optimizer(sgd(), labels)
+    out[scope], _ = run(tx, params0, [frozen])   # no ":rest" key: ungated
+  g = grads_for(params0, 0)
+  for params in out.values():
+    np.testing.assert_array_equal(
+        params["encoders"]["audio"]["backbone"]["conv"]["kernel"],
+        params0["encoders"]["audio"]["backbone"]["conv"]["kernel"])
+  np.testing.assert_array_equal(out["branch"]["encoders"]["audio"]["head"]
+                                ["kernel"],
+                                params0["encoders"]["audio"]["head"]["kernel"])
+  # First SGD step: p - lr * (g + wd p) (momentum's trace is g + wd p).
+  p = params0["encoders"]["audio"]["head"]["kernel"]
+  want = p - LR * (g["encoders"]["audio"]["head"]["kernel"] + WD * p)
+  np.testing.assert_allclose(out["encoder"]["encoders"]["audio"]["head"]
+                             ["kernel"], want, rtol=1e-6)

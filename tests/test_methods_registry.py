@@ -29,7 +29,10 @@ def test_every_method_has_its_sub_config_and_the_smp_default():
   for name in config_lib.METHODS:
     assert name in c
   assert (c.ogm_ge.alpha, c.mlb.alpha, c.mlb.beta_max, c.mmpareto.gamma,
-          c.pmr.alpha, c.pmr.end_epoch) == (0.8, 0.5, 10.0, 1.5, 2.0, 70)
+          c.pmr.alpha) == (0.8, 0.5, 10.0, 1.5, 2.0)
+  # The releases' windows as fractions: epochs 0..50 and 0..70 of 100.
+  assert (c.ogm_ge.window.start, c.ogm_ge.window.end, c.pmr.window.end,
+          c.mlb.window.end) == (0.0, 0.51, 0.71, 1.0)
   assert c.smp is None
   for name in config_lib.METHODS:
     c.method = name
@@ -43,9 +46,13 @@ def test_presets_select_the_method_and_optionally_its_optimizer():
   c = config_lib.base_config()
   methods.apply_preset(c, "mlb")
   assert c.method == "mlb" and c.student.optimizer.name == "sgd"
+  assert config_lib.student_optimizer(c).lr == c.student.optimizer.lr
   methods.apply_preset(c, "mmpareto", method_optimizer=True)
-  assert (c.method, c.student.optimizer.lr,
-          tuple(c.student.optimizer.decay_epochs)) == ("mmpareto", 2e-3, ())
+  opt = config_lib.student_optimizer(c)
+  assert (c.method, c.protocol, opt.lr, tuple(opt.decay_fractions),
+          opt.decay_epochs) == ("mmpareto", "released", 2e-3, (), None)
+  # The config's own optimizer is untouched: only the run's view changes.
+  assert c.student.optimizer.lr == 1e-3
   with pytest.raises(Exception, match="unknown method"):
     methods.apply_preset(c, "magic")
 

@@ -10,6 +10,7 @@ import jax
 import numpy as np
 import pytest
 
+from g2d_jax import calibration
 from g2d_jax.errors import CacheMismatchError
 from g2d_jax.pipeline import evaluate
 from g2d_jax.pipeline import mesh as mesh_lib
@@ -142,3 +143,24 @@ def test_rerun_skips_finished_stages_and_summary(trained, tmp_path):
     assert 0.0 <= v <= 1.0 and v * 64 == pytest.approx(round(v * 64))
   assert on_disk["versions"]["jax"] == jax.__version__
   assert os.path.exists(os.path.join(w, "student", "curves.png"))
+  # Temperature scaling: the saved T is the NLL minimiser of the student's
+  # own validation logits, recomputed here by a second path (a NumPy grid).
+  saved = json.load(open(os.path.join(w, "student", "temperature.json")))
+  st = on_disk["student"]
+  assert saved["temperature"]["fused"] == st["temperature"]
+  s, weights, _ = student.load_student(cfg, ds, w, mesh4())
+  logits = np.asarray(s.model.apply(
+      {"params": weights["params"], "batch_stats": weights["batch_stats"]},
+      ds.splits["val"].batch(np.arange(len(ds.splits["val"]))),
+      train=False).logits, np.float64)
+  grid = np.exp(np.linspace(np.log(0.05), np.log(20.0), 4001))
+  nll = [calibration.nll_at_temperature(logits, ds.splits["val"].labels, t)
+         for t in grid]
+  assert st["temperature"] == pytest.approx(grid[int(np.argmin(nll))],
+                                            rel=2e-3)
+  assert saved["val_nll_calibrated"]["fused"] <= saved["val_nll"]["fused"]
+  assert set(st["modality_test_ece_calibrated"]) == {"audio", "image"}
+  assert 0.0 <= st["test_ece_calibrated"] <= 1.0
+  ens = on_disk["teacher_ensemble"]
+  assert ens["temperature"] > 0 and 0.0 <= ens["test_ece_calibrated"] <= 1.0
+  assert on_disk["schedule"]["smp"]["taus"] == [1]

@@ -144,3 +144,41 @@ def test_gate_partial_suppression_inside_window_only():
   assert float(kappa["audio"]) == 1.0
   kappa = gate.for_batch(batch, 1)["kappa"]
   assert float(kappa["image"]) == 1.0 and float(kappa["audio"]) == 1.0
+
+
+BN_IMAGE = {"model.encoders.image": dict(kind="mlp", hidden_dims=(16,),
+                                         use_batchnorm=True)}
+
+
+@pytest.mark.parametrize("scope", ["branch", "encoder"])
+@pytest.mark.parametrize("stats", ["update", "hold"])
+def test_freeze_scope_and_frozen_batch_statistics(scope, stats):
+  """Audio trains alone: what of the frozen image branch moves."""
+  ds = fx.tiny_dataset()
+  mesh = mesh_lib.data_mesh(jax.devices()[:1])
+  batch = batch_with_teacher(ds, *AUDIO_WEAK)
+  runs = {}
+  for skip in (False, True):
+    cfg = fx.tiny_config(**{"gating.freeze_scope": scope,
+                            "gating.frozen_batch_stats": stats,
+                            "gating.skip_frozen_backward": skip}, **BN_IMAGE)
+    runs[skip] = one_step(cfg, ds, batch, 0, mesh)
+  (plain, metrics), (fast, _) = runs[False], runs[True]
+  assert (float(metrics["kappa/audio"]), float(metrics["kappa/image"])) == (
+      1.0, 0.0)
+  # Skipping the frozen encoder's backward stays exact under either scope.
+  for a, b in zip(jax.tree.leaves(plain), jax.tree.leaves(fast)):
+    np.testing.assert_array_equal(a, b)
+  init = jax.device_get(student_lib.build_student(
+      fx.tiny_config(**BN_IMAGE), ds, mesh).state)
+  moved = lambda a, b: not all(np.array_equal(x, y) for x, y in zip(
+      jax.tree.leaves(a), jax.tree.leaves(b)))
+  image, image0 = fast.params["encoders"]["image"], init.params["encoders"][
+      "image"]
+  assert not moved(image["backbone"], image0["backbone"])
+  assert moved(image["head"], image0["head"]) == (scope == "encoder")
+  assert moved(fast.params["encoders"]["audio"], init.params["encoders"][
+      "audio"])
+  stats_moved = moved(fast.batch_stats["encoders"]["image"],
+                      init.batch_stats["encoders"]["image"])
+  assert stats_moved == (stats == "update")

@@ -27,9 +27,11 @@ trains a multimodal student; left unset (None) it is on where the method's
 module says `SMP_DEFAULT = True` (G2D only).
 
 Presets: `apply_preset(config, name)` selects a method;
-`apply_preset(config, name, method_optimizer=True)` also sets the student
-optimizer to the one the method's released code trains with
-(`PROTOCOLS`). `configs/avmnist.py:<preset>,<method>` applies the former.
+`apply_preset(config, name, method_optimizer=True)` also sets
+`config.protocol = "released"`, so the student trains with the optimizer
+the method's released code uses (`PROTOCOLS`; the default protocol,
+"common", trains every method with `config.student.optimizer`).
+`configs/avmnist.py:<preset>,<method>` applies the former.
 
 Adding a method: one module with `default_config` and `build`, and its line
 in `_MODULES`.
@@ -69,30 +71,32 @@ TEACHER_ENSEMBLE = "ume"
 _ENSEMBLE_MODULE = "g2d_jax.methods.ume"
 
 # The optimizer each method's released code trains with (its CREMA-D
-# settings); decay epochs are absolute, for 100-epoch protocols.
+# settings), with its decay points as fractions of the run: StepLR(70) of
+# 100 epochs is 0.7, G2D's StepLR(200) of 300 is 2/3. `--config.protocol=
+# released` trains each method with its own (pipeline.config.student_optimizer).
 PROTOCOLS: dict[str, dict[str, Any]] = {
     "joint": dict(name="sgd", lr=1e-3, momentum=0.9, weight_decay=1e-4,
-                  decay_epochs=(70,), decay_factor=0.1),
+                  decay_fractions=(0.7,), decay_factor=0.1),
     "ogm": dict(name="sgd", lr=1e-3, momentum=0.9, weight_decay=1e-4,
-                decay_epochs=(70,), decay_factor=0.1),
+                decay_fractions=(0.7,), decay_factor=0.1),
     "ogm_ge": dict(name="sgd", lr=1e-3, momentum=0.9, weight_decay=1e-4,
-                   decay_epochs=(70,), decay_factor=0.1),
+                   decay_fractions=(0.7,), decay_factor=0.1),
     # Adam, coupled L2 1e-4; the released cosine warm restarts after 780
     # warm-up steps are not reproduced (constant rate).
     "mlb": dict(name="adam", lr=1e-3, momentum=0.9, weight_decay=1e-4,
-                decay_epochs=(), decay_factor=0.1),
+                decay_fractions=(), decay_factor=0.1),
     # lr 2e-3; its StepLR(30) is built but never stepped: constant rate.
     "mmpareto": dict(name="sgd", lr=2e-3, momentum=0.9, weight_decay=1e-4,
-                     decay_epochs=(), decay_factor=0.1),
+                     decay_fractions=(), decay_factor=0.1),
     "mla": dict(name="sgd", lr=1e-3, momentum=0.9, weight_decay=1e-4,
-                decay_epochs=(70,), decay_factor=0.1),
+                decay_fractions=(0.7,), decay_factor=0.1),
     "pmr": dict(name="sgd", lr=1e-3, momentum=0.9, weight_decay=1e-4,
-                decay_epochs=(70,), decay_factor=0.1),
+                decay_fractions=(0.7,), decay_factor=0.1),
     # G2D's protocol (the official config), also used for its UMT baseline.
     "umt": dict(name="sgd", lr=1e-3, momentum=0.9, weight_decay=1e-4,
-                decay_epochs=(200,), decay_factor=0.1),
+                decay_fractions=(2 / 3,), decay_factor=0.1),
     "g2d": dict(name="sgd", lr=1e-3, momentum=0.9, weight_decay=1e-4,
-                decay_epochs=(200,), decay_factor=0.1),
+                decay_fractions=(2 / 3,), decay_factor=0.1),
 }
 
 
@@ -154,15 +158,15 @@ def build_method(config: ml_collections.ConfigDict, task: str,
 def apply_preset(config: ml_collections.ConfigDict, name: str, *,
                  method_optimizer: bool = False) -> ml_collections.ConfigDict:
   """Selects method `name` (its hyperparameters are the defaults in
-  `config.<name>`); with `method_optimizer`, also the student optimizer of
-  the method's released code (`PROTOCOLS`). Returns `config`."""
+  `config.<name>`); with `method_optimizer`, also `config.protocol =
+  "released"`: the student trains with the optimizer of the method's
+  released code (`PROTOCOLS`). Returns `config`."""
   if name not in available():
     raise ConfigError(f"unknown method {name!r}; choose one of "
                       f"{sorted(available())}.")
   config.method = name
-  if method_optimizer and name in PROTOCOLS:
-    for key, value in PROTOCOLS[name].items():
-      config.student.optimizer[key] = value
+  if method_optimizer:
+    config.protocol = "released"
   return config
 
 

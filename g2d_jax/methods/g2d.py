@@ -20,6 +20,10 @@ from g2d_jax.methods.base import standard_update
 SMP_DEFAULT = True
 
 
+# The leaderboard's tuning grid: the paper's Table 12 weights, (alpha,
+# beta) of the feature and logit terms.
+TUNING_GRID = {"alpha": (1.0, 0.0), "beta": (1.0, 0.5, 2.0)}
+
 def default_config() -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(dict(
       # Paper Eq. 4 and the official code: all weights 1, T = 1,

@@ -12,6 +12,10 @@ from g2d_jax.methods.base import MethodSpec
 from g2d_jax.methods.base import standard_update
 
 
+# The leaderboard's tuning grid (experiments/leaderboard.py): joint
+# training has no hyperparameter of its own, so it tunes the learning rate.
+TUNING_GRID = {"student.optimizer.lr_scale": (1.0, 0.5, 2.0)}
+
 def default_config() -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict()  # no hyperparameters
 

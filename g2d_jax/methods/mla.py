@@ -78,6 +78,11 @@ from g2d_jax.methods.base import StepResult
 Array = jax.Array
 
 
+# The leaderboard's tuning grid: the Gram-Schmidt projection on or off,
+# and the learning rate (MLA has no loss weight to tune).
+TUNING_GRID = {"gs_projection": (True, False),
+               "student.optimizer.lr_scale": (1.0, 0.5, 2.0)}
+
 def default_config() -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(dict(
       # True: the paper's GS projection; False: the released code, where a

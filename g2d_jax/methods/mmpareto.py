@@ -57,6 +57,9 @@ from g2d_jax.methods.base import StepResult
 Array = jax.Array
 
 
+# The leaderboard's tuning grid: the hard-coded gradient scale gamma.
+TUNING_GRID = {"gamma": (1.5, 1.0, 2.0)}
+
 def default_config() -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(dict(
       # Hard-coded `gamma=1.5` in code/MMPareto.py.
@@ -106,7 +109,7 @@ def pareto_grads(g_mm, g_uni, modalities: Sequence[str], gamma: float):
   Returns:
     (grads, {m: (k_mm, k_uni, cos)}).
   """
-  encoder = lambda m: (lambda path, _: common.is_encoder_leaf(path, m))
+  encoder = lambda m: (lambda path, _: gating.is_encoder_leaf(path, m))
   weights = {}
   for m in modalities:
     sel_mm = [g for p, g in jax.tree_util.tree_flatten_with_path(g_mm)[0]
@@ -121,7 +124,7 @@ def pareto_grads(g_mm, g_uni, modalities: Sequence[str], gamma: float):
 
   def visit(path, a, b):
     m = gating.leaf_modality(path, modalities)
-    if m is None or not common.is_encoder_leaf(path, m):
+    if m is None or not gating.is_encoder_leaf(path, m):
       return a + b
     k_mm, k_uni, _ = weights[m]
     return combine_tensor(a, b, k_mm, k_uni, gamma)

@@ -12,11 +12,12 @@ Per training batch, with the fused objective CE(fused logits) only:
 2. The dominant modality (largest score; ties: the first modality, as the
    code's `else` branch) gets k = 1 - tanh(alpha * rho), rho = its score over
    the mean score of the others; every other modality gets k = 1.
-3. Inside the epoch window `start_epoch <= epoch <= end_epoch` (inclusive),
-   each modality's encoder conv-kernel gradients (4-D leaves) are multiplied
-   by its k; OGM-GE then adds Gaussian noise N(0, (std(g) + 1e-8)^2) per
-   element to every such gradient of *every* modality (also where k = 1),
-   with std(g) the unbiased std of the unmodulated tensor.
+3. Inside the epoch window (`config.<ogm|ogm_ge>.window`, a fraction of the
+   run: the release's epochs 0..50 of 100 are (0, 0.51)), each modality's
+   encoder conv-kernel gradients (4-D leaves) are multiplied by its k;
+   OGM-GE then adds Gaussian noise N(0, (std(g) + 1e-8)^2) per element to
+   every such gradient of *every* modality (also where k = 1), with std(g)
+   the unbiased std of the unmodulated tensor.
 4. The optimizer (weight decay, momentum) runs on the modulated gradient.
 
 Where we follow the released code (GeWu-Lab/OGM-GE_CVPR2022, main.py): the
@@ -48,6 +49,7 @@ import ml_collections
 import g2d_jax
 from g2d_jax import confidence
 from g2d_jax import gating
+from g2d_jax import schedule
 from g2d_jax import smp
 from g2d_jax.errors import ConfigError
 from g2d_jax.methods import common
@@ -59,14 +61,17 @@ Array = jax.Array
 SCOPES = ("conv_kernels", "encoder")
 
 
+# The leaderboard's tuning grid (ogm and ogm_ge): the README's alpha for
+# CREMA-D (0.8) and VGGSound (0.1), and one between.
+TUNING_GRID = {"alpha": (0.8, 0.4, 0.1)}
+
 def default_config() -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(dict(
       # README: alpha 0.8 for CREMA-D (0.1 for VGGSound); the code requires it.
       alpha=0.8,
-      # main.py defaults --modulation_starts 0 --modulation_ends 50 (of 100
-      # epochs), inclusive.
-      start_epoch=0,
-      end_epoch=50,
+      # main.py: --modulation_starts 0 --modulation_ends 50, inclusive, of
+      # 100 epochs: the first 51% of the run (g2d_jax.schedule).
+      window=schedule.window_config(0.0, 0.51),
       # "conv_kernels": the released rule (4-D gradients of the encoders);
       # "encoder": every encoder parameter (for encoders without convs).
       scope="conv_kernels",
@@ -113,7 +118,7 @@ def modulate(grads, coeffs: Mapping[str, Array], *, active: Array,
 
   def visit(path, g):
     m = gating.leaf_modality(path, modalities)
-    if m is None or not common.is_encoder_leaf(path, m):
+    if m is None or not gating.is_encoder_leaf(path, m):
       return g
     if scope == "conv_kernels" and g.ndim != 4:
       return g
@@ -155,6 +160,7 @@ def build(config: ml_collections.ConfigDict, task: str, *,
     raise ConfigError(f"config.{name}.scope={c.scope!r} must be one of "
                       f"{SCOPES}.")
   ge = name == "ogm_ge"
+  window = schedule.method_window(config, name)
   fusion = config.get("model", {}).get("fusion", "late")
   if fusion not in OGM_FUSIONS:
     # The released code scores fc_x(a) with the full bias for sum fusion
@@ -169,7 +175,7 @@ def build(config: ml_collections.ConfigDict, task: str, *,
     order = smp.modality_order(outputs.modality_logits, modalities)
     scores = ogm_scores(outputs.modality_logits, ctx.labels)
     coeffs = ogm_coefficients(scores, c.alpha, order)
-    active = common.in_window(ctx.epoch, c.start_epoch, c.end_epoch)
+    active = window.contains(ctx.epoch)
     grads = modulate(
         grads, coeffs, active=active, modalities=order, scope=c.scope,
         noise_rng=jax.random.fold_in(ctx.rng, 0x06E) if ge else None)

@@ -7,28 +7,47 @@ command-line override fails instead of being silently ignored.
 
 from __future__ import annotations
 
+from typing import Any
+
 import ml_collections
 
+from g2d_jax import artifacts
+from g2d_jax import gating
 from g2d_jax import methods
+from g2d_jax import schedule
 from g2d_jax.errors import ConfigError
 from g2d_jax.pipeline import logs
 
 # joint, umt, ume, ogm, ogm_ge, mlb, mmpareto, mla, pmr, g2d
 METHODS = methods.available()
 MODES = ("all", "teachers", "precompute", "student", "eval")
+PROTOCOL_CHOICES = ("common", "released")
 
 
 def optimizer_config(lr: float = 1e-3, *, name: str = "sgd",
                      momentum: float = 0.9, weight_decay: float = 1e-4,
-                     decay_epochs: tuple[int, ...] = (200,),
+                     decay_fractions: tuple[float, ...] = (2 / 3,),
+                     decay_epochs: tuple[int, ...] | None = None,
                      decay_factor: float = 0.1) -> ml_collections.ConfigDict:
-  """SGD with PyTorch-style weight decay and a per-epoch step schedule."""
+  """SGD with PyTorch-style weight decay and a per-epoch step schedule.
+
+  The rate is multiplied by `decay_factor` at the start of the epochs that
+  `decay_fractions` name as fractions of the stage's epochs (the paper's
+  epoch 200 of 300 is 2/3; `g2d_jax.schedule.boundary` rounds), or at the
+  absolute `decay_epochs` when those are given.
+  """
   return ml_collections.ConfigDict(dict(
       name=name,                  # "sgd" | "adam" | "adamw"
       lr=lr,
+      # Multiplies lr, whichever protocol picks it (a tuning knob that
+      # works under protocol=released too).
+      lr_scale=1.0,
       momentum=momentum,          # sgd only
       weight_decay=weight_decay,  # added to the gradient (torch.optim.SGD)
-      decay_epochs=decay_epochs,  # lr *= decay_factor at the start of each
+      decay_fractions=tuple(decay_fractions),
+      decay_epochs=ml_collections.FieldReference(
+          None if decay_epochs is None else tuple(decay_epochs),
+          field_type=tuple),
       decay_factor=decay_factor,
   ))
 
@@ -58,9 +77,23 @@ def base_config() -> ml_collections.ConfigDict:
   # SMP); --config.smp=True/False forces it. Read it with
   # `methods.smp_enabled(config)`.
   c.smp = ml_collections.FieldReference(None, field_type=bool)
+  # The optimizer every method trains the student with: "common" (the
+  # config's `student.optimizer`, one protocol for all) or "released" (each
+  # method's own, `methods.PROTOCOLS`; decay points as fractions of the run).
+  c.protocol = "common"
   c.gating = ml_collections.ConfigDict(dict(
-      taus=(151,),                # k-1 entries; official: epochs 0..150
+      # SMP stage lengths, k-1 entries, as fractions of the student's epochs
+      # (official: epochs 0..150 of 300); `taus` in epochs overrides them.
+      tau_fractions=(151 / 300,),
+      taus=ml_collections.FieldReference(None, field_type=tuple),
       semantics="freeze",         # "freeze" (Eq. 8) | "reference" (official)
+      # What a gate of 0 freezes (g2d_jax.gating): "branch" (the encoder, its
+      # fusion head and the method's heads for it) | "encoder" (Eq. 8's
+      # theta^m: the encoder's parameters only).
+      freeze_scope="branch",
+      # A frozen branch's BatchNorm running statistics: "update" (they move
+      # with the training batches, as in the official code) | "hold".
+      frozen_batch_stats="update",
       suppression="complete",     # "complete" (SMP) | "partial" (Table 6)
       partial_strength=1.0,       # OGM-GE's alpha for partial suppression
       skip_frozen_backward=True,  # specialised step per gating pattern
@@ -143,21 +176,28 @@ def validate(config: ml_collections.ConfigDict, num_devices: int,
           "trained student to evaluate with missing modalities; leave "
           "missing_rates empty.")
   if methods.smp_enabled(config):
-    taus = tuple(g.taus)
-    if len(taus) != len(modalities) - 1:
+    given = "taus" if g.taus is not None else "tau_fractions"
+    if len(tuple(g[given])) != len(modalities) - 1:
       raise ConfigError(
-          f"config.gating.taus={taus} needs k - 1 = {len(modalities) - 1} "
-          f"entries for the {len(modalities)} modalities {list(modalities)}.")
-    if any(t < 0 for t in taus):
-      raise ConfigError(f"config.gating.taus={taus} has a negative entry.")
-    if sum(taus) > config.student.epochs:
-      raise ConfigError(
-          f"config.gating.taus={taus} spans {sum(taus)} epochs, longer than "
-          f"training (config.student.epochs={config.student.epochs}); shorten "
-          "the taus or train longer.")
+          f"config.gating.{given}={tuple(g[given])} needs k - 1 = "
+          f"{len(modalities) - 1} entries for the {len(modalities)} "
+          f"modalities {list(modalities)}.")
+    schedule.gating_taus(config)  # raises on a bad length or fraction
+  if config.protocol not in PROTOCOL_CHOICES:
+    raise ConfigError(f"config.protocol={config.protocol!r} must be one of "
+                      f"{PROTOCOL_CHOICES}: 'common' trains every method with "
+                      "config.student.optimizer, 'released' with the "
+                      "optimizer of its released code.")
+  resolve_schedule(config)  # raises on a bad fraction or window
   if g.semantics not in ("freeze", "reference"):
     raise ConfigError(f"config.gating.semantics={g.semantics!r} must be "
                       "'freeze' or 'reference'.")
+  if g.freeze_scope not in gating.SCOPES:
+    raise ConfigError(f"config.gating.freeze_scope={g.freeze_scope!r} must be "
+                      f"one of {gating.SCOPES}.")
+  if g.frozen_batch_stats not in ("update", "hold"):
+    raise ConfigError(f"config.gating.frozen_batch_stats="
+                      f"{g.frozen_batch_stats!r} must be 'update' or 'hold'.")
   if g.suppression not in ("complete", "partial"):
     raise ConfigError(f"config.gating.suppression={g.suppression!r} must be "
                       "'complete' or 'partial'.")
@@ -177,3 +217,68 @@ def validate(config: ml_collections.ConfigDict, num_devices: int,
     if name not in ("sgd", "adam", "adamw"):
       raise ConfigError(f"config.{stage}.optimizer.name={name!r} must be "
                         "'sgd', 'adam' or 'adamw'.")
+
+
+def student_optimizer(config: ml_collections.ConfigDict
+                      ) -> ml_collections.ConfigDict:
+  """The optimizer the student trains with under `config.protocol`.
+
+  "common": `config.student.optimizer`. "released": that config with the
+  method's released optimizer (`methods.PROTOCOLS`: name, rate, momentum,
+  weight decay and decay points as fractions of the run) in its place; the
+  batch size and epochs stay the config's. Methods without a released
+  protocol (UME) keep the common one.
+  """
+  opt = ml_collections.ConfigDict(artifacts.plain(config.student.optimizer))
+  if config.get("protocol", "common") == "released" and (
+      config.method in methods.PROTOCOLS):
+    released = dict(methods.PROTOCOLS[config.method])
+    opt.decay_epochs = None
+    for key, value in released.items():
+      opt[key] = tuple(value) if isinstance(value, list) else value
+  return opt
+
+
+def resolve_schedule(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """Every epoch window of a config, in epochs: the record `summary.json`
+  keeps and the values the run uses.
+
+  Returns:
+    {"student_epochs", "protocol", "smp": {"taus", "given", ...} (when SMP
+    is on), "windows": {"<method>.<name>": window record}, and
+    "student_optimizer" / "teacher_optimizer": {name, lr, decay_epochs}}.
+
+  Raises:
+    ConfigError: a fraction outside [0, 1], a window that ends before it
+      starts, or SMP stages longer than the run.
+  """
+  epochs = int(config.student.epochs)
+  out: dict[str, Any] = {"student_epochs": epochs,
+                         "protocol": config.get("protocol", "common")}
+  if methods.smp_enabled(config):
+    g = config.gating
+    taus = schedule.gating_taus(config)
+    out["smp"] = {"taus": list(taus), "epochs": sum(taus),
+                  "share": sum(taus) / epochs,
+                  "given": "epochs" if g.taus is not None else "fractions",
+                  "tau_fractions": list(g.tau_fractions)}
+  windows = {}
+  if config.method in config:
+    for name in schedule.method_windows(config[config.method]):
+      w = config[config.method][name]
+      rec = schedule.method_window(config, config.method, name).record(epochs)
+      rec["given"] = ("epochs" if w.start_epoch is not None
+                      or w.end_epoch is not None else "fractions")
+      rec["fractions"] = [w.start, w.end]
+      windows[f"{config.method}.{name}"] = rec
+  out["windows"] = windows
+  for stage, opt in (("student", student_optimizer(config)),
+                     ("teacher", config.teacher.optimizer)):
+    n = int(config[stage].epochs)
+    out[f"{stage}_optimizer"] = {
+        "name": opt.name, "lr": opt.lr * opt.get("lr_scale", 1.0),
+        "decay_factor": opt.decay_factor,
+        "decay_epochs": list(schedule.decay_epochs(
+            opt.decay_fractions, n, opt.decay_epochs,
+            f"config.{stage}.optimizer"))}
+  return out

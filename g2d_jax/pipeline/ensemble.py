@@ -25,11 +25,12 @@ from g2d_jax.pipeline import teachers as teachers_lib
 
 def load(config: ml_collections.ConfigDict, dataset: MultimodalDataset,
          workdir: str, mesh: jax.sharding.Mesh):
-  """(eval_step, params, batch_stats) of the teachers' ensemble.
+  """(eval_step, params, batch_stats, predict) of the teachers' ensemble.
 
   `eval_step(params, batch_stats, batch) -> sums` runs every teacher and
   scores the combined logits as "fused" and each teacher as its modality
-  (`scoring.evaluate_split` takes it like a student's).
+  (`scoring.evaluate_split` takes it like a student's); `predict(params,
+  batch_stats, inputs)` returns those outputs (`scoring.collect_logits`).
   """
   ume.check_config(config, dataset.task)
   teacher_models, params, batch_stats = {}, {}, {}
@@ -40,25 +41,29 @@ def load(config: ml_collections.ConfigDict, dataset: MultimodalDataset,
     params[m], batch_stats[m] = weights["params"], weights["batch_stats"]
   combine = config.ume.combine
 
-  @jax.jit
-  def eval_step(params, batch_stats, batch):
+  def predict(params, batch_stats, inputs):
     outs = {m: steps.apply_model(teacher_models[m], params[m], batch_stats[m],
-                                 batch["inputs"], train=False)[0]
+                                 inputs, train=False)[0]
             for m in dataset.modalities}
     logits = {m: o.logits for m, o in outs.items()}
-    out = models.MultimodalOutput(
+    return models.MultimodalOutput(
         ume.ensemble_logits(logits, combine), logits,
         {m: o.features[m] for m, o in outs.items()})
-    return scoring.batch_sums(out, batch, dataset.task)
 
-  return eval_step, params, batch_stats
+  @jax.jit
+  def eval_step(params, batch_stats, batch):
+    return scoring.batch_sums(predict(params, batch_stats, batch["inputs"]),
+                              batch, dataset.task)
+
+  return eval_step, params, batch_stats, jax.jit(predict)
 
 
 def report(config: ml_collections.ConfigDict, dataset: MultimodalDataset,
            workdir: str, mesh: jax.sharding.Mesh) -> dict[str, Any]:
   """The ensemble's validation and test scores, in the layout of a student's
   summary (`test_accuracy`, `modality_test_accuracy`, `test_ece`, `val`)."""
-  eval_step, params, batch_stats = load(config, dataset, workdir, mesh)
+  eval_step, params, batch_stats, predict = load(config, dataset, workdir,
+                                                 mesh)
   scores = {s: scoring.evaluate_split(eval_step, params, batch_stats,
                                       dataset.splits[s],
                                       config.eval.batch_size, mesh)
@@ -73,4 +78,9 @@ def report(config: ml_collections.ConfigDict, dataset: MultimodalDataset,
          "val": scores["val"]}
   if "ece/fused" in test:
     out["test_ece"] = test["ece/fused"]
+    cal = scoring.temperature_scaling(
+        predict, params, batch_stats, dataset.splits,
+        config.eval.batch_size, mesh)
+    out["temperature"] = cal["temperature"]["fused"]
+    out["test_ece_calibrated"] = cal["test_ece_calibrated"]["fused"]
   return out

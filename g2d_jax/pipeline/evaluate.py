@@ -23,6 +23,7 @@ from g2d_jax import methods
 from g2d_jax import regression_metrics
 from g2d_jax.data.base import MultimodalDataset
 from g2d_jax.errors import ConfigError
+from g2d_jax.pipeline import config as config_lib
 from g2d_jax.pipeline import ensemble
 from g2d_jax.pipeline import loader
 from g2d_jax.pipeline import mesh as mesh_lib
@@ -100,6 +101,41 @@ def missing_modality_scores(config: ml_collections.ConfigDict,
     logging.info("student with modalities missing at %.0f%%: test %s %.4f",
                  100 * rate, kind, res[f"{kind}/fused"])
   return out
+
+
+def calibrate_student(config: ml_collections.ConfigDict,
+                      dataset: MultimodalDataset, workdir: str,
+                      mesh: jax.sharding.Mesh,
+                      student: student_lib.Student, params: Any,
+                      batch_stats: Any) -> dict[str, Any]:
+  """Temperature scaling of the student's heads, fitted on validation.
+
+  Saves the temperatures with the student (`<student dir>/temperature.json`,
+  {head: T}: divide that head's logits by T) and returns the summary
+  entries: `temperature` (fused), `modality_temperature`,
+  `test_ece_calibrated` and `modality_test_ece_calibrated`.
+  """
+  model = student.model
+  predict = jax.jit(lambda p, b, x: steps.apply_model(model, p, b, x,
+                                                      train=False)[0])
+  cal = scoring.temperature_scaling(predict, params, batch_stats,
+                                    dataset.splits, config.eval.batch_size,
+                                    mesh)
+  artifacts.write_json(
+      os.path.join(student_lib.student_dir(workdir, config),
+                   "temperature.json"),
+      {"fitted_on": "val", "temperature": cal["temperature"],
+       "val_nll": cal["val_nll"],
+       "val_nll_calibrated": cal["val_nll_calibrated"]})
+  t, e = cal["temperature"], cal["test_ece_calibrated"]
+  logging.info("student temperature (val) %.3f: test ECE %.4f -> %.4f",
+               t["fused"], cal["test_ece"]["fused"], e["fused"])
+  return {"temperature": t["fused"],
+          "modality_temperature": {m: t[f"modality/{m}"]
+                                   for m in dataset.modalities},
+          "test_ece_calibrated": e["fused"],
+          "modality_test_ece_calibrated": {m: e[f"modality/{m}"]
+                                           for m in dataset.modalities}}
 
 
 def regression_scores(model: Any, params: Any, batch_stats: Any,
@@ -189,6 +225,8 @@ def run(config: ml_collections.ConfigDict, dataset: MultimodalDataset,
     summary["student"] = student_summary(config, dataset, workdir, mesh,
                                          summary["teachers"], student)
   summary["data_fingerprint"] = dataset.fingerprint
+  # The epochs each window resolved to (fractions of this run's length).
+  summary["schedule"] = config_lib.resolve_schedule(config)
   summary["config"] = artifacts.plain(config)
   summary["versions"] = versions()
   artifacts.write_json(summary_path(workdir, config), summary)
@@ -225,6 +263,8 @@ def student_summary(config: ml_collections.ConfigDict,
     out["test_ece"] = _ece(res, "fused")
     out["modality_test_ece"] = {
         m: _ece(res, f"modality/{m}") for m in dataset.modalities}
+    out.update(calibrate_student(config, dataset, workdir, mesh, student,
+                                 params, batch_stats))
     # Paper Fig. 6: a modality's confidence inside the student relative to
     # its teacher's (1 = as confident as alone).
     out["modality_test_true_class_prob"] = {

@@ -26,6 +26,7 @@ import numpy as np
 
 import g2d_jax
 from g2d_jax import methods as methods_lib
+from g2d_jax import schedule
 from g2d_jax.data.base import Split
 
 Array = jax.Array
@@ -132,8 +133,12 @@ class GateSpec:
     g = config.gating
     self.enabled = methods_lib.smp_enabled(config)
     self.modalities = tuple(modalities)
-    self.taus = tuple(int(t) for t in g.taus)
+    self.taus = schedule.gating_taus(config) if self.enabled else ()
     self.semantics = g.semantics
+    self.scope = g.freeze_scope
+    # Hold a frozen branch's BatchNorm statistics (only where SMP gates).
+    self.hold_frozen_stats = (self.enabled
+                              and g.frozen_batch_stats == "hold")
     self.partial = g.suppression == "partial"
     self.strength = float(g.partial_strength)
     self.task = task

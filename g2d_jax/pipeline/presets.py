@@ -53,7 +53,7 @@ def finish(c: ml_collections.ConfigDict, method: str | None
 def audio_visual(dataset: str, preset: str | None) -> ml_collections.ConfigDict:
   """Audio spectrogram + video frames, two ResNet-18s, late fusion.
 
-  paper: the official protocol, SMP for epochs 0..150 (tau_1 = 151), the
+  paper: the official protocol, SMP for epochs 0..150 (tau_1 = 151/300), the
   official ResNet-18 computed with CPU-friendly kernels; small: width-8
   ResNets, frames resized to 112, 600 samples per split, 6 epochs (a CPU
   check of the whole job); smoke: width 4, 32 samples, 2 epochs (tests).
@@ -69,21 +69,18 @@ def audio_visual(dataset: str, preset: str | None) -> ml_collections.ConfigDict:
       dict(audio=dict(resnet), visual=dict(resnet)))
   if name == "paper":
     _paper_protocol(c)
-    c.gating.taus = (151,)
   elif name == "small":
     c.data.image_size = 112
     c.data.max_examples_per_split = 600
-    c.teacher = train_config(6, 32, optimizer_config(0.01, decay_epochs=(4,)))
-    c.student = train_config(6, 32, optimizer_config(0.01, decay_epochs=(4,)))
-    c.gating.taus = (3,)        # about half of training, as in the paper
+    c.teacher = train_config(6, 32, optimizer_config(0.01))
+    c.student = train_config(6, 32, optimizer_config(0.01))
     c.eval.batch_size = 64
     c.log_every_steps = 10
   else:
     c.data.image_size = 32
     c.data.max_examples_per_split = 32
-    c.teacher = train_config(2, 16, optimizer_config(0.05, decay_epochs=()))
-    c.student = train_config(2, 16, optimizer_config(0.05, decay_epochs=()))
-    c.gating.taus = (1,)
+    c.teacher = train_config(2, 16, optimizer_config(0.05, decay_fractions=()))
+    c.student = train_config(2, 16, optimizer_config(0.05, decay_fractions=()))
     c.eval.batch_size = 16
     c.log_every_steps = 2
   return finish(c, method)
@@ -97,9 +94,10 @@ def sequences(dataset: str, preset: str | None) -> ml_collections.ConfigDict:
   and MulT), late fusion. Three modalities: SMP trains the least confident
   for tau_1 epochs, then the next for tau_2, then all.
 
-  paper: the official protocol with taus (75, 76), which split the official
-  151-epoch window in two (the paper gives no per-stage values); small:
-  width-32 two-layer Transformers, 6 epochs, taus (2, 1), for a CPU.
+  paper: the official protocol with taus (75, 76) of 300 epochs, which split
+  the official 151-epoch window in two (the paper gives no per-stage
+  values); small: width-32 two-layer Transformers, 6 epochs (the same
+  fractions give taus (2, 1)), for a CPU.
   """
   name, method = split_preset(preset, SEQUENCE_PRESETS)
   c = base_config()
@@ -116,11 +114,11 @@ def sequences(dataset: str, preset: str | None) -> ml_collections.ConfigDict:
       {m: dict(enc) for m in ("audio", "visual", "text")})
   if name == "paper":
     _paper_protocol(c)
-    c.gating.taus = (75, 76)
   else:
-    c.teacher = train_config(6, 32, optimizer_config(0.01, decay_epochs=(4,)))
-    c.student = train_config(6, 32, optimizer_config(0.01, decay_epochs=(4,)))
-    c.gating.taus = (2, 1)
+    c.teacher = train_config(6, 32, optimizer_config(0.01))
+    c.student = train_config(6, 32, optimizer_config(0.01))
     c.eval.batch_size = 128
     c.log_every_steps = 50
+  # The official 151-epoch window of 300 split in two stages.
+  c.gating.tau_fractions = (75 / 300, 76 / 300)
   return finish(c, method)

@@ -72,6 +72,23 @@ class JobEstimate:
           stage, self.smaller_preset)
 
 
+def log_schedule(resolved: dict[str, Any]) -> None:
+  """One line per resolved window: what the run will actually do."""
+  n = resolved["student_epochs"]
+  if "smp" in resolved:
+    smp = resolved["smp"]
+    logging.info("schedule: SMP taus %s of %d student epochs (%.0f%%, from "
+                 "%s)", smp["taus"], n, 100 * smp["share"], smp["given"])
+  for name, w in resolved["windows"].items():
+    logging.info("schedule: %s = epochs %s..%s of %d (%.0f%%, from %s)", name,
+                 w["first_epoch"], w["last_epoch"], n, 100 * w["share"],
+                 w["given"])
+  opt = resolved["student_optimizer"]
+  logging.info("schedule: protocol %s, student optimizer %s lr %g, decay at "
+               "epochs %s", resolved["protocol"], opt["name"], opt["lr"],
+               opt["decay_epochs"])
+
+
 def run(config: ml_collections.ConfigDict, workdir: str, mode: str = "all",
         devices: list[Any] | None = None,
         smaller_preset: str = "a smaller preset") -> dict[str, Any]:
@@ -109,11 +126,15 @@ def run(config: ml_collections.ConfigDict, workdir: str, mode: str = "all",
   # of processes that no longer exist).
   for path in artifacts.remove_dead_temporaries(workdir):
     logging.info("removed the leftover of an interrupted run: %s", path)
-  artifacts.write_json(os.path.join(workdir, "config.json"),
+  # Students sharing a workdir (run_name) each keep their own config.
+  config_name = (f"config_{config.run_name}.json" if config.run_name
+                 else "config.json")
+  artifacts.write_json(os.path.join(workdir, config_name),
                        artifacts.plain(config))
   logging.info("dataset %s: %s, %s; %d device(s)", dataset.name,
                {s: len(v) for s, v in dataset.splits.items()},
                dataset.modalities, mesh.devices.size)
+  log_schedule(config_lib.resolve_schedule(config))
   order = (["teachers", "precompute", "student", "eval"] if mode == "all"
            else [mode])
   if mode == "all" and methods.trains_nothing(config.method):

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from g2d_jax import calibration
 from g2d_jax.data.base import Split
 from g2d_jax.pipeline import loader
 from g2d_jax.pipeline import mesh as mesh_lib
@@ -80,3 +81,59 @@ def evaluate_split(eval_step: Any, params: Any, batch_stats: Any, split: Split,
   for sums in jax.device_get(pending):
     total = metrics_lib.add(total, sums)
   return metrics_lib.summarize(total)
+
+
+def collect_logits(predict: Callable[..., Any], params: Any, batch_stats: Any,
+                   split: Split, batch_size: int, mesh: jax.sharding.Mesh
+                   ) -> dict[str, np.ndarray]:
+  """Every head's logits on a split, {"fused" | "modality/<m>" | "aux/<m>":
+  [N, C]} (host float32), from `predict(params, batch_stats, inputs) ->
+  outputs` (jitted by the caller)."""
+  parts: dict[str, list[np.ndarray]] = {}
+  for batch in loader.eval_batches(split, batch_size):
+    out = predict(params, batch_stats, mesh_lib.shard_batch(batch["inputs"],
+                                                            mesh))
+    heads = jax.device_get(_flat_heads(metrics_lib.head_logits(out)))
+    n = int(batch["mask"].sum())
+    for h, v in heads.items():
+      parts.setdefault(h, []).append(np.asarray(v, np.float32)[:n])
+  return {h: np.concatenate(v) for h, v in parts.items()}
+
+
+def _flat_heads(heads: Mapping[str, Any]) -> dict[str, Any]:
+  out = {"fused": heads["fused"]}
+  for group in ("modality", "aux"):
+    out.update({f"{group}/{m}": v for m, v in heads.get(group, {}).items()})
+  return out
+
+
+def temperature_scaling(predict: Callable[..., Any], params: Any,
+                        batch_stats: Any, splits: Mapping[str, Split],
+                        batch_size: int, mesh: jax.sharding.Mesh
+                        ) -> dict[str, Any]:
+  """Post-hoc temperature scaling of every head (`calibration`): T fitted
+  on the validation split, ECE on test before and after.
+
+  Returns:
+    {"temperature", "test_ece", "test_ece_calibrated", "val_nll",
+    "val_nll_calibrated"}, each {head: float}.
+  """
+  val = collect_logits(predict, params, batch_stats, splits["val"],
+                       batch_size, mesh)
+  test = collect_logits(predict, params, batch_stats, splits["test"],
+                        batch_size, mesh)
+  y_val, y_test = splits["val"].labels, splits["test"].labels
+  out: dict[str, dict[str, float]] = {
+      k: {} for k in ("temperature", "test_ece", "test_ece_calibrated",
+                      "val_nll", "val_nll_calibrated")}
+  ece = lambda logits: float(calibration.expected_calibration_error(
+      jnp.asarray(logits), jnp.asarray(y_test), ECE_BINS))
+  for head, logits in val.items():
+    t = calibration.fit_temperature(logits, y_val)
+    out["temperature"][head] = t
+    out["val_nll"][head] = calibration.nll_at_temperature(logits, y_val, 1.0)
+    out["val_nll_calibrated"][head] = calibration.nll_at_temperature(
+        logits, y_val, t)
+    out["test_ece"][head] = ece(test[head])
+    out["test_ece_calibrated"][head] = ece(test[head] / t)
+  return out

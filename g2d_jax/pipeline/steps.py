@@ -17,6 +17,7 @@ import ml_collections
 import optax
 
 from g2d_jax import gating
+from g2d_jax import schedule
 from g2d_jax.errors import ConfigError
 from g2d_jax.methods.base import Method
 from g2d_jax.methods.base import StepContext
@@ -44,17 +45,20 @@ class TrainState:
     def replace(self, **updates: Any) -> TrainState: ...
 
 
-def make_optimizer(cfg: ml_collections.ConfigDict,
-                   steps_per_epoch: int) -> optax.GradientTransformation:
+def make_optimizer(cfg: ml_collections.ConfigDict, steps_per_epoch: int,
+                   epochs: int) -> optax.GradientTransformation:
   """The inner optimizer: SGD/Adam with a per-epoch step-decay schedule.
 
   SGD follows torch.optim.SGD: weight decay is added to the gradient before
   momentum (PyTorch applies `StepLR` per epoch: the rate drops at the first
-  step of each epoch in `decay_epochs`).
+  step of each decay epoch, `schedule.optimizer_decay_epochs` of a stage of
+  `epochs` epochs).
   """
   boundaries = {int(e) * steps_per_epoch: cfg.decay_factor
-                for e in cfg.decay_epochs if e > 0}
-  lr = optax.piecewise_constant_schedule(cfg.lr, boundaries)
+                for e in schedule.optimizer_decay_epochs(cfg, epochs)
+                if e > 0}
+  lr = optax.piecewise_constant_schedule(
+      cfg.lr * cfg.get("lr_scale", 1.0), boundaries)
   if cfg.name == "sgd":
     return optax.chain(optax.add_decayed_weights(cfg.weight_decay),
                        optax.sgd(lr, momentum=cfg.momentum or None))
@@ -97,20 +101,32 @@ def apply_model(model: nn.Module, params: Any, batch_stats: Any, inputs: Any,
 
 
 def _frozen_view(params: Any, frozen: tuple[str, ...],
-                 modalities: tuple[str, ...], semantics: str) -> Any:
+                 modalities: tuple[str, ...], semantics: str,
+                 scope: str = "branch") -> Any:
   """params with the frozen modalities' gated leaves behind stop_gradient.
 
-  Under "freeze" the whole branch is constant, so XLA drops its entire
-  backward pass; under "reference" only the conv kernels (whose gradient the
-  gate multiplies by 0 anyway) are, which drops their weight-gradient convs.
+  Under "freeze" the whole branch (scope "encoder": the encoder) is
+  constant, so XLA drops its backward pass; under "reference" only the conv
+  kernels (whose gradient the gate multiplies by 0 anyway) are, which drops
+  their weight-gradient convs.
   """
   def visit(path, leaf):
-    if gating.leaf_modality(path, modalities) not in frozen:
+    m = gating.leaf_modality(path, modalities)
+    if m not in frozen:
+      return leaf
+    if scope == "encoder" and not gating.is_encoder_leaf(path, m):
       return leaf
     if semantics == "freeze" or gating.conv_kernel(path, leaf):
       return jax.lax.stop_gradient(leaf)
     return leaf
   return jax.tree_util.tree_map_with_path(visit, params)
+
+
+def _hold(old: Array, new: Array, kappa: Mapping[str, Array],
+          modality: str | None) -> Array:
+  if modality is None:
+    return new
+  return jax.numpy.where(kappa[modality] == 0, old, new)
 
 
 def _metric_name(method: str, name: str) -> str:
@@ -169,7 +185,8 @@ class TrainStep:
         # stop_gradient must act inside the differentiated function: on the
         # parameters `value_and_grad` differentiates, not on its argument.
         if frozen:
-          params = _frozen_view(params, frozen, modalities, gate.semantics)
+          params = _frozen_view(params, frozen, modalities, gate.semantics,
+                                gate.scope)
         return apply_model(model, params, state.batch_stats, batch["inputs"],
                            train=True, rng=rng)
 
@@ -181,8 +198,7 @@ class TrainStep:
               "and train it as a student.")
         extra = {}
         if kappa is not None:
-          extra["kappa"] = (dict(kappa) if mask is None else
-                            {m: k * mask[m] for m, k in kappa.items()})
+          extra["kappa"] = gating.group_gates(kappa, mask)
         updates, opt_state = tx.update(grads, opt_state, params, **extra)
         return optax.apply_updates(params, updates), opt_state
 
@@ -192,6 +208,15 @@ class TrainStep:
           batch_stats=state.batch_stats, method_state=state.method_state,
           forward=forward, optimizer_update=optimizer_update)
       res = method.update(ctx)
+      batch_stats = res.batch_stats
+      if (kappa is not None and gate is not None and gate.hold_frozen_stats
+          and batch_stats):
+        # A frozen branch's BatchNorm running statistics stay as they were.
+        gates: Mapping[str, Array] = kappa
+        batch_stats = jax.tree_util.tree_map_with_path(
+            lambda path, old, new: _hold(
+                old, new, gates, gating.leaf_modality(path, modalities)),
+            state.batch_stats, batch_stats)
       scalars["loss"] = res.loss
       scalars.update({_metric_name(method.name, k): v
                       for k, v in res.metrics.items()})
@@ -199,7 +224,7 @@ class TrainStep:
                                          self.task)
       sums["scalars"] = scalars
       return state.replace(step=state.step + 1, params=res.params,
-                           batch_stats=res.batch_stats,
+                           batch_stats=batch_stats,
                            opt_state=res.opt_state,
                            method_state=res.method_state), sums
 

@@ -25,6 +25,7 @@ from g2d_jax.errors import TrainingError
 from g2d_jax.methods import heads as method_heads
 from g2d_jax.pipeline import build
 from g2d_jax.pipeline import checkpoint
+from g2d_jax.pipeline import config as config_lib
 from g2d_jax.pipeline import loader
 from g2d_jax.pipeline import logs
 from g2d_jax.pipeline import mesh as mesh_lib
@@ -108,7 +109,8 @@ def build_student(config: ml_collections.ConfigDict,
   example = build.example_inputs(train, 2)
   params, _ = jax.eval_shape(
       lambda: steps.init_variables(model, example, config.seed))
-  labels = g2d_jax.modality_labels(params, modalities)
+  labels = g2d_jax.modality_labels(params, modalities,
+                                   scope=config.gating.freeze_scope)
   if config.gating.semantics == "reference" and methods.smp_enabled(config):
     gated = {label for (path, leaf), label in zip(
         jax.tree_util.tree_leaves_with_path(params), jax.tree.leaves(labels))
@@ -122,8 +124,9 @@ def build_student(config: ml_collections.ConfigDict,
   # A method with several optimizer updates per batch (MLA) advances the
   # schedule's step count that many times per batch.
   tx = g2d_jax.smp_optimizer(
-      steps.make_optimizer(config.student.optimizer,
-                           spe * method.spec.updates_per_step),
+      steps.make_optimizer(config_lib.student_optimizer(config),
+                           spe * method.spec.updates_per_step,
+                           config.student.epochs),
       labels, semantics=config.gating.semantics)
   gate = loader.GateSpec(config, modalities, dataset.task)
   step = steps.TrainStep(model, tx, method, dataset.task, gate)
@@ -157,6 +160,7 @@ def fingerprint(config: ml_collections.ConfigDict, dataset: MultimodalDataset,
           "method_config": artifacts.plain(config.get(config.method, {})),
           "model": artifacts.plain(config.model),
           "train": artifacts.plain(config.student),
+          "schedule": config_lib.resolve_schedule(config),
           "data": dataset.fingerprint, "teachers": teacher_digests}
 
 

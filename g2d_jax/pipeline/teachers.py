@@ -57,7 +57,8 @@ def train_teachers(config: ml_collections.ConfigDict,
       results[m] = done
       continue
     model = build.teacher_model(config, dataset, m)
-    tx = steps.make_optimizer(config.teacher.optimizer, spe)
+    tx = steps.make_optimizer(config.teacher.optimizer, spe,
+                              config.teacher.epochs)
     state = build.new_state(model, tx, train, config.seed, mesh)
     # A teacher is a unimodal model trained on the supervised loss alone.
     step = steps.TrainStep(model, tx, joint.build(config, dataset.task),

@@ -1,0 +1,95 @@
+"""The leaderboard's pure parts: grids, trials, selection, paired tests, and
+its bad-input errors (the runs themselves are exercised by the pipeline
+tests; the leaderboard's own results are in experiments/README.md)."""
+
+import importlib.util
+import os
+
+import numpy as np
+import pytest
+
+from g2d_jax import methods
+from g2d_jax.errors import ConfigError
+from g2d_jax.pipeline import config as config_lib
+from tests import pipeline_fixtures as fx
+
+_spec = importlib.util.spec_from_file_location(
+    "leaderboard", os.path.join(fx.ROOT, "experiments", "leaderboard.py"))
+lb = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(lb)
+
+
+def test_every_training_method_declares_a_valid_grid_of_three_trials():
+  base = config_lib.base_config()
+  for m in lb.training_methods():
+    grid = lb.method_grid(m)
+    assert grid, m
+    got = lb.trials(m, grid, base, 3)
+    assert len(got) == 3 and len({str(sorted(t.items())) for t in got}) == 3
+    # Trial 0 is the method's release default.
+    assert got[0] == {lb.config_path(m, k): lb._get(base, lb.config_path(m, k))
+                      for k in grid}
+  assert lb.method_grid("ume") == {}
+
+
+def test_trials_are_deterministic_and_cover_the_grid():
+  base = config_lib.base_config()
+  grid = {"alpha": (2.0, 1.0, 3.0), "momentum": (0.0, 0.5)}
+  every = lb.trials("pmr", grid, base, 6)
+  assert every == lb.trials("pmr", grid, base, 6)
+  assert every[0] == {"pmr.alpha": 2.0, "pmr.momentum": 0.0}
+  assert sorted((t["pmr.alpha"], t["pmr.momentum"]) for t in every) == sorted(
+      (a, b) for a in (2.0, 1.0, 3.0) for b in (0.0, 0.5))
+  assert lb.trials("pmr", grid, base, 3) == every[:3]
+  with pytest.raises(ConfigError, match="fewer than --trials=7"):
+    lb.trials("pmr", grid, base, 7)
+
+
+@pytest.mark.parametrize("call,match", [
+    (lambda base: lb.trials("ogm_ge", {"alpah": (1.0,)}, base, 1),
+     r"has 'alpah', which is not a config field \(no config.ogm_ge.alpah\)"),
+    (lambda base: lb.trials("joint", {"student.optimizer.lrr": (1.0,)}, base,
+                            1), "no config.student.optimizer.lrr"),
+    (lambda base: lb.parse_grid_overrides(["mlb.alpha=1,2"], ("joint",)),
+     "for method 'mlb', which is not selected"),
+    (lambda base: lb.parse_grid_overrides(["mlb=1,2"], ("mlb",)),
+     "write METHOD.FIELD=v1,v2"),
+    (lambda base: lb.selected_methods("joint,magic"), r"unknown \['magic'\]"),
+])
+def test_bad_input_names_the_fix(call, match):
+  with pytest.raises(ConfigError, match=match):
+    call(config_lib.base_config())
+
+
+def test_grid_overrides_parse_values():
+  got = lb.parse_grid_overrides(["ogm_ge.alpha=0.2,0.4",
+                                 "ogm_ge.scope=encoder"], ("ogm_ge",))
+  assert got == {"ogm_ge": {"alpha": (0.2, 0.4), "scope": ("encoder",)}}
+  assert lb.selected_methods("all")[-1] == methods.TEACHER_ENSEMBLE
+  assert set(lb.selected_methods("all")) == set(methods.available())
+
+
+def test_select_takes_the_best_validation_score_first_on_ties():
+  acc = [{"val": v, "kind": "accuracy"} for v in (80.0, 82.0, 82.0)]
+  assert lb.select(acc) == 1
+  mae = [{"val": v, "kind": "mae"} for v in (0.3, 0.2, 0.25)]
+  assert lb.select(mae) == 1
+
+
+def test_paired_differences_and_intervals_match_scipy_free_formulas():
+  a = {0: 81.0, 1: 82.0, 2: 80.5}
+  b = {0: 79.0, 1: 80.5, 2: 79.5}
+  d = lb.paired(a, b)
+  diffs = np.array([2.0, 1.5, 1.0])
+  assert d["mean"] == pytest.approx(1.5) and d["seeds"] == [0, 1, 2]
+  # Paired t: mean / (sd / sqrt(n)) = 1.5 / (0.5 / sqrt 3) = 5.196 on 2
+  # degrees of freedom: two-sided p = 0.0351 (t table).
+  t = diffs.mean() / (diffs.std(ddof=1) / np.sqrt(3))
+  assert t == pytest.approx(5.196, rel=1e-3)
+  assert d["p"] == pytest.approx(0.0351, abs=2e-4)
+  assert lb.paired({0: 1.0}, {0: 2.0}) is None
+  assert lb.paired({0: 1.0, 1: 2.0}, {0: 0.0, 1: 1.0})["p"] == 0.0
+  # 95% t-interval of (1, 2, 3): t_{0.975, 2} = 4.303, sd 1, n 3.
+  assert lb.interval95([1.0, 2.0, 3.0]) == pytest.approx(4.303 / np.sqrt(3),
+                                                         rel=1e-3)
+  assert lb.mean_std([2.0]) == (2.0, 0.0)
