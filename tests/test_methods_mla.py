@@ -148,3 +148,19 @@ def test_released_zero_grads_give_the_earlier_modality_a_decay_only_step():
 def test_reference_gating_semantics_are_refused():
   with pytest.raises(Exception, match="semantics='freeze'"):
     setup(**{"gating.semantics": "reference"})
+
+
+def test_encoder_freeze_scope_keeps_the_sub_update_masks_on_the_branch():
+  """MLA masks whole branches per sub-update; with freeze_scope=encoder
+  (a separate optimizer group for each modality's non-encoder leaves) the
+  mask still covers them, so without SMP the result is the same."""
+  results = {}
+  for scope in ("branch", "encoder"):
+    _, mesh, _, _, step, state, batch = setup(**{"gating.freeze_scope":
+                                                 scope})
+    new, _ = step(state, mesh_lib.shard_batch(batch, mesh), np.int32(0),
+                  jax.random.key(0))
+    results[scope] = jax.device_get(new.params)
+  for a, b in zip(jax.tree.leaves(results["branch"]),
+                  jax.tree.leaves(results["encoder"])):
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
