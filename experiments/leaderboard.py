@@ -254,13 +254,16 @@ def paired(a: Mapping[int, float], b: Mapping[int, float]
     return None
   from scipy import stats  # pylint: disable=g-import-not-at-top
   diffs = [a[s] - b[s] for s in seeds]
-  if all(d == diffs[0] for d in diffs):
-    p = 1.0 if diffs[0] == 0 else 0.0
-  else:
-    p = float(stats.ttest_rel([a[s] for s in seeds],
-                              [b[s] for s in seeds]).pvalue)
+  if all(abs(d - diffs[0]) < 1e-9 for d in diffs):
+    # No spread: the t statistic is undefined (0/0) or infinite; say so
+    # rather than print p = 0 (test accuracies move in steps of one sample,
+    # so equal differences over 3 seeds happen).
+    return {"mean": statistics.fmean(diffs), "seeds": seeds, "p": None,
+            "diffs": diffs, "constant": True}
+  p = float(stats.ttest_rel([a[s] for s in seeds],
+                            [b[s] for s in seeds]).pvalue)
   return {"mean": statistics.fmean(diffs), "seeds": seeds, "p": p,
-          "diffs": diffs}
+          "diffs": diffs, "constant": False}
 
 
 # ---------------------------------------------------------------------------
@@ -475,7 +478,8 @@ def write_report(out: str, rows: list[dict[str, Any]],
   for i, r in enumerate(rows, 1):
     diff = lambda ref, r=r: ("-" if r[f"diff_vs_{ref}"] is None else
                              f"{r[f'diff_vs_{ref}']:+.2f} "
-                             f"({r[f'p_vs_{ref}']:.3f})")
+                             + ("(same every seed)" if r[f"p_vs_{ref}"] is None
+                                else f"({r[f'p_vs_{ref}']:.3f})"))
     lines.append(
         f"| {i} | {r['method']} | {r['test_mean']:.2f} ± {r['test_std']:.2f}"
         f" [±{r['ci95']:.2f}] | "
