@@ -82,8 +82,9 @@ _OVERRIDE = flags.DEFINE_multi_string(
     "override", [], "FIELD=VALUE passed to every run as --config.FIELD=VALUE "
     "(e.g. student.epochs=24)")
 _STEP_TIMES = flags.DEFINE_string(
-    "step_times", None, "JSON of experiments/method_step_time.py --out, for "
-    "the step-time column")
+    "step_times", None, "the JSON of experiments/method_step_time.py --out "
+    "or experiments/benchmark_step.py, for the step-time column (e.g. "
+    "experiments/results/step_paper_bs16.json for AV-MNIST)")
 _TIMEOUT = flags.DEFINE_integer("timeout", 7200, "seconds per run")
 
 
@@ -540,12 +541,29 @@ def plot(path: str, rows: Sequence[Mapping[str, Any]],
 
 
 def load_step_times(path: str | None) -> dict[str, float]:
+  """{method: step time / joint's} from a step benchmark's JSON: the output
+  of experiments/method_step_time.py (`rows`, its interleaved ratios) or of
+  experiments/benchmark_step.py (`records`: JAX, every modality training,
+  the ratio of medians)."""
   if not path:
     return {}
   with open(path) as f:
-    rows = json.load(f)["rows"]
-  return {r["variant"]: r["ratio_to_joint"] for r in rows
-          if r["variant"] in methods.available()}
+    data = json.load(f)
+  return step_time_ratios(data)
+
+
+def step_time_ratios(data: Mapping[str, Any]) -> dict[str, float]:
+  if "rows" in data:
+    return {r["variant"]: r["ratio_to_joint"] for r in data["rows"]
+            if r["variant"] in methods.available()}
+  median = {r["method"]: r["median_ms"] for r in data.get("records", [])
+            if r.get("impl") == "jax" and r.get("pattern") == "all"}
+  if "joint" not in median:
+    raise ConfigError("--step_times: the file has no JAX joint-training "
+                      "step to compare with; give the JSON that "
+                      "experiments/method_step_time.py or "
+                      "experiments/benchmark_step.py writes.")
+  return {m: t / median["joint"] for m, t in median.items()}
 
 
 # ---------------------------------------------------------------------------

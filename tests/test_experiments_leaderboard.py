@@ -94,3 +94,19 @@ def test_paired_differences_and_intervals_match_scipy_free_formulas():
   assert lb.interval95([1.0, 2.0, 3.0]) == pytest.approx(4.303 / np.sqrt(3),
                                                          rel=1e-3)
   assert lb.mean_std([2.0]) == (2.0, 0.0)
+
+
+def test_step_time_ratios_from_either_benchmark():
+  rows = {"rows": [{"variant": "joint", "ratio_to_joint": 1.0},
+                   {"variant": "g2d", "ratio_to_joint": 0.98},
+                   {"variant": "g2d (SMP, image frozen)",
+                    "ratio_to_joint": 0.5}]}
+  assert lb.step_time_ratios(rows) == {"joint": 1.0, "g2d": 0.98}
+  records = {"records": [
+      {"impl": "jax", "method": "joint", "pattern": "all", "median_ms": 400.0},
+      {"impl": "jax", "method": "mlb", "pattern": "all", "median_ms": 300.0},
+      {"impl": "jax", "method": "g2d", "pattern": "audio", "median_ms": 1.0},
+      {"impl": "torch", "method": "mlb", "pattern": "all", "median_ms": 9.0}]}
+  assert lb.step_time_ratios(records) == {"joint": 1.0, "mlb": 0.75}
+  with pytest.raises(ConfigError, match="no JAX joint-training step"):
+    lb.step_time_ratios({"records": []})
