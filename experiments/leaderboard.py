@@ -36,11 +36,13 @@ from __future__ import annotations
 
 import concurrent.futures
 import csv
-import importlib
+import ast
+import importlib.util
 import itertools
 import json
 import math
 import os
+import random
 import statistics
 import subprocess
 import sys
@@ -124,14 +126,12 @@ def _has_path(config: Any, path: str) -> bool:
 
 def method_grid(method: str) -> dict[str, tuple[Any, ...]]:
   """The module's `TUNING_GRID` ({} for a method without one)."""
-  module = importlib.import_module(methods._MODULES.get(  # pylint: disable=protected-access
-      method, "g2d_jax.methods.ume"))
-  return {k: tuple(v) for k, v in getattr(module, "TUNING_GRID", {}).items()}
+  grid = getattr(methods.module(method), "TUNING_GRID", {})
+  return {k: tuple(v) for k, v in grid.items()}
 
 
 def load_config(spec: str) -> Any:
   """`path/to/config.py[:preset]` -> its locked ConfigDict."""
-  import importlib.util  # pylint: disable=g-import-not-at-top
   path, _, preset = spec.partition(":")
   full = path if os.path.isabs(path) else os.path.join(ROOT, path)
   if not os.path.exists(full):
@@ -164,7 +164,6 @@ def parse_grid_overrides(specs: Sequence[str], selected: Sequence[str]
 
 
 def _literal(text: str) -> Any:
-  import ast  # pylint: disable=g-import-not-at-top
   try:
     return ast.literal_eval(text)
   except (ValueError, SyntaxError):
@@ -212,7 +211,6 @@ def trials(method: str, grid: Mapping[str, Sequence[Any]], config: Any,
 
 
 def _shuffled(items: list[Any], seed: int) -> list[Any]:
-  import random  # pylint: disable=g-import-not-at-top
   out = list(items)
   random.Random(seed).shuffle(out)
   return out

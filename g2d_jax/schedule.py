@@ -181,7 +181,7 @@ def decay_epochs(fractions: Sequence[float], epochs: int,
   if absolute is not None:
     return tuple(int(e) for e in absolute)
   return tuple(boundary(_check_fraction(
-      f, f"{field}.decay_fractions entry", f"--config.{field[7:]}.decay_epochs"
+      f, f"{field}.decay_fractions entry", f"--{field}.decay_epochs"
   ), epochs) for f in fractions)
 
 

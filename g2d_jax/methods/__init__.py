@@ -110,11 +110,16 @@ def trains_nothing(name: str) -> bool:
   return name == TEACHER_ENSEMBLE
 
 
+def module(name: str) -> Any:
+  """The module of method `name` (UME's for the teachers' ensemble)."""
+  if trains_nothing(name):
+    return importlib.import_module(_ENSEMBLE_MODULE)
+  return importlib.import_module(_MODULES[name])
+
+
 def default_configs() -> dict[str, ml_collections.ConfigDict]:
   """{method: its default hyperparameters}; `ogm` and `ogm_ge` share fields."""
-  modules = {**_MODULES, TEACHER_ENSEMBLE: _ENSEMBLE_MODULE}
-  return {name: importlib.import_module(module).default_config()
-          for name, module in modules.items()}
+  return {name: module(name).default_config() for name in available()}
 
 
 def smp_default(name: str) -> bool:
@@ -123,8 +128,7 @@ def smp_default(name: str) -> bool:
   published, SMP off, unless --config.smp=True)."""
   if name not in _MODULES:
     return False
-  return bool(getattr(importlib.import_module(_MODULES[name]), "SMP_DEFAULT",
-                      False))
+  return bool(getattr(module(name), "SMP_DEFAULT", False))
 
 
 def smp_enabled(config: ml_collections.ConfigDict) -> bool:
@@ -151,7 +155,7 @@ def build_method(config: ml_collections.ConfigDict, task: str,
   if config.method not in _MODULES:
     raise ConfigError(f"config.method={config.method!r} is not implemented; "
                       f"choose one of {sorted(available())}.")
-  return importlib.import_module(_MODULES[config.method]).build(
+  return module(config.method).build(
       config, task, **context)
 
 

@@ -278,7 +278,6 @@ def resolve_schedule(config: ml_collections.ConfigDict) -> dict[str, Any]:
     out[f"{stage}_optimizer"] = {
         "name": opt.name, "lr": opt.lr * opt.get("lr_scale", 1.0),
         "decay_factor": opt.decay_factor,
-        "decay_epochs": list(schedule.decay_epochs(
-            opt.decay_fractions, n, opt.decay_epochs,
-            f"config.{stage}.optimizer"))}
+        "decay_epochs": list(schedule.optimizer_decay_epochs(
+            opt, n, f"config.{stage}.optimizer"))}
   return out

@@ -114,13 +114,13 @@ def from_json(tree: Any) -> Any:
   return np.asarray(tree, np.float64)
 
 
-def _flat(tree: Any, prefix: str) -> dict[str, Any]:
+def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
   """{"<prefix>/<path>": leaf} of a nested dict."""
   if not isinstance(tree, Mapping):
     return {prefix: tree}
   out = {}
   for k, v in tree.items():
-    out.update(_flat(v, f"{prefix}/{k}" if prefix else str(k)))
+    out.update(flatten(v, f"{prefix}/{k}" if prefix else str(k)))
   return out
 
 
@@ -132,7 +132,7 @@ def summarize(sums: Sums | None, steps: int = 1) -> dict[str, float]:
   count = float(sums.get("count", 0.0))
   out: dict[str, float] = {}
   for key, name in PER_SAMPLE.items():
-    for path, v in _flat(sums.get(key, {}), name).items():
+    for path, v in flatten(sums.get(key, {}), name).items():
       out[path] = float(v) / count if count else 0.0
   for head, b in _flat_bins(sums.get("ece_bins", {})).items():
     # Summed in bin order, one bin at a time (reproducible to the last bit).

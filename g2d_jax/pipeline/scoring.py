@@ -93,18 +93,11 @@ def collect_logits(predict: Callable[..., Any], params: Any, batch_stats: Any,
   for batch in loader.eval_batches(split, batch_size):
     out = predict(params, batch_stats, mesh_lib.shard_batch(batch["inputs"],
                                                             mesh))
-    heads = jax.device_get(_flat_heads(metrics_lib.head_logits(out)))
+    heads = jax.device_get(metrics_lib.flatten(metrics_lib.head_logits(out)))
     n = int(batch["mask"].sum())
     for h, v in heads.items():
       parts.setdefault(h, []).append(np.asarray(v, np.float32)[:n])
   return {h: np.concatenate(v) for h, v in parts.items()}
-
-
-def _flat_heads(heads: Mapping[str, Any]) -> dict[str, Any]:
-  out = {"fused": heads["fused"]}
-  for group in ("modality", "aux"):
-    out.update({f"{group}/{m}": v for m, v in heads.get(group, {}).items()})
-  return out
 
 
 def temperature_scaling(predict: Callable[..., Any], params: Any,
