@@ -29,12 +29,14 @@ module says `SMP_DEFAULT = True` (G2D only).
 Presets: `apply_preset(config, name)` selects a method;
 `apply_preset(config, name, method_optimizer=True)` also sets
 `config.protocol = "released"`, so the student trains with the optimizer
-the method's released code uses (`PROTOCOLS`; the default protocol,
+the method's released code uses (`released_optimizer`, its module's
+`RELEASED_OPTIMIZER`; the default protocol,
 "common", trains every method with `config.student.optimizer`).
 `configs/avmnist.py:<preset>,<method>` applies the former.
 
-Adding a method: one module with `default_config` and `build`, and its line
-in `_MODULES`.
+Adding a method: one module with `default_config`, `build`,
+`RELEASED_OPTIMIZER` (the optimizer of its released code) and `TUNING_GRID`
+(the leaderboard's equal tuning budget), and its line in `_MODULES`.
 """
 
 from __future__ import annotations
@@ -70,34 +72,16 @@ _MODULES = {
 TEACHER_ENSEMBLE = "ume"
 _ENSEMBLE_MODULE = "g2d_jax.methods.ume"
 
-# The optimizer each method's released code trains with (its CREMA-D
-# settings), with its decay points as fractions of the run: StepLR(70) of
-# 100 epochs is 0.7, G2D's StepLR(200) of 300 is 2/3. `--config.protocol=
-# released` trains each method with its own (pipeline.config.student_optimizer).
-PROTOCOLS: dict[str, dict[str, Any]] = {
-    "joint": dict(name="sgd", lr=1e-3, momentum=0.9, weight_decay=1e-4,
-                  decay_fractions=(0.7,), decay_factor=0.1),
-    "ogm": dict(name="sgd", lr=1e-3, momentum=0.9, weight_decay=1e-4,
-                decay_fractions=(0.7,), decay_factor=0.1),
-    "ogm_ge": dict(name="sgd", lr=1e-3, momentum=0.9, weight_decay=1e-4,
-                   decay_fractions=(0.7,), decay_factor=0.1),
-    # Adam, coupled L2 1e-4; the released cosine warm restarts after 780
-    # warm-up steps are not reproduced (constant rate).
-    "mlb": dict(name="adam", lr=1e-3, momentum=0.9, weight_decay=1e-4,
-                decay_fractions=(), decay_factor=0.1),
-    # lr 2e-3; its StepLR(30) is built but never stepped: constant rate.
-    "mmpareto": dict(name="sgd", lr=2e-3, momentum=0.9, weight_decay=1e-4,
-                     decay_fractions=(), decay_factor=0.1),
-    "mla": dict(name="sgd", lr=1e-3, momentum=0.9, weight_decay=1e-4,
-                decay_fractions=(0.7,), decay_factor=0.1),
-    "pmr": dict(name="sgd", lr=1e-3, momentum=0.9, weight_decay=1e-4,
-                decay_fractions=(0.7,), decay_factor=0.1),
-    # G2D's protocol (the official config), also used for its UMT baseline.
-    "umt": dict(name="sgd", lr=1e-3, momentum=0.9, weight_decay=1e-4,
-                decay_fractions=(2 / 3,), decay_factor=0.1),
-    "g2d": dict(name="sgd", lr=1e-3, momentum=0.9, weight_decay=1e-4,
-                decay_fractions=(2 / 3,), decay_factor=0.1),
-}
+def released_optimizer(name: str) -> dict[str, Any] | None:
+  """The optimizer method `name`'s released code trains with (its module's
+  `RELEASED_OPTIMIZER`: name, lr, momentum, weight decay, decay points as
+  fractions of the run), or None (UME trains no student).
+  `--config.protocol=released` trains each method with its own
+  (`pipeline.config.student_optimizer`)."""
+  if name not in _MODULES:
+    return None
+  released = getattr(module(name), "RELEASED_OPTIMIZER", None)
+  return None if released is None else dict(released)
 
 
 def available() -> tuple[str, ...]:
@@ -164,7 +148,7 @@ def apply_preset(config: ml_collections.ConfigDict, name: str, *,
   """Selects method `name` (its hyperparameters are the defaults in
   `config.<name>`); with `method_optimizer`, also `config.protocol =
   "released"`: the student trains with the optimizer of the method's
-  released code (`PROTOCOLS`). Returns `config`."""
+  released code (`released_optimizer`). Returns `config`."""
   if name not in available():
     raise ConfigError(f"unknown method {name!r}; choose one of "
                       f"{sorted(available())}.")
@@ -175,6 +159,7 @@ def apply_preset(config: ml_collections.ConfigDict, name: str, *,
 
 
 __all__ = ["EpochHook", "Gradient", "HeadsSpec", "Method", "MethodSpec",
-           "PROTOCOLS", "StepContext", "StepResult", "TEACHER_ENSEMBLE",
+           "StepContext", "StepResult", "TEACHER_ENSEMBLE",
            "apply_preset", "available", "build_method", "default_configs",
+           "released_optimizer",
            "smp_default", "smp_enabled", "standard_update", "trains_nothing"]

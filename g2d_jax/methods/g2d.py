@@ -24,6 +24,11 @@ SMP_DEFAULT = True
 # beta) of the feature and logit terms.
 TUNING_GRID = {"alpha": (1.0, 0.0), "beta": (1.0, 0.5, 2.0)}
 
+# The official config: SGD 1e-3, StepLR(200) of 300 epochs.
+RELEASED_OPTIMIZER = dict(name="sgd", lr=1e-3, momentum=0.9, weight_decay=1e-4,
+                          decay_fractions=(2 / 3,), decay_factor=0.1)
+
+
 def default_config() -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(dict(
       # Paper Eq. 4 and the official code: all weights 1, T = 1,

@@ -16,6 +16,12 @@ from g2d_jax.methods.base import standard_update
 # training has no hyperparameter of its own, so it tunes the learning rate.
 TUNING_GRID = {"student.optimizer.lr_scale": (1.0, 0.5, 2.0)}
 
+# The released optimizer (OGM-GE family, CREMA-D): SGD 1e-3, StepLR(70)
+# of 100 epochs.
+RELEASED_OPTIMIZER = dict(name="sgd", lr=1e-3, momentum=0.9, weight_decay=1e-4,
+                          decay_fractions=(0.7,), decay_factor=0.1)
+
+
 def default_config() -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict()  # no hyperparameters
 

@@ -83,6 +83,11 @@ Array = jax.Array
 TUNING_GRID = {"gs_projection": (True, False),
                "student.optimizer.lr_scale": (1.0, 0.5, 2.0)}
 
+# The released optimizer: SGD 1e-3, StepLR(70) of 100 epochs.
+RELEASED_OPTIMIZER = dict(name="sgd", lr=1e-3, momentum=0.9, weight_decay=1e-4,
+                          decay_fractions=(0.7,), decay_factor=0.1)
+
+
 def default_config() -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(dict(
       # True: the paper's GS projection; False: the released code, where a

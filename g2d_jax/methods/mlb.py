@@ -36,7 +36,7 @@ Where we follow the released code (kkontras/MLB, `Bias_Infusion_MLB`):
 
 The released protocol uses Adam (lr 1e-3, wd 1e-4); under Adam a constant
 per-parameter gradient scale is largely normalised away, so MLB's effect is
-stronger under SGD. `methods.PROTOCOLS["mlb"]` holds the released optimizer.
+stronger under SGD. `RELEASED_OPTIMIZER` holds the released optimizer.
 With SMP both act: k scales the gradient, the gate then the update.
 """
 
@@ -65,6 +65,12 @@ Array = jax.Array
 # The leaderboard's tuning grid: the two tanh modes of the release
 # (beta_max 10: Eq. 6-7; 2: the code default) and alpha around 0.5.
 TUNING_GRID = {"alpha": (0.5, 1.0, 0.25), "beta_max": (10.0, 2.0)}
+
+# The released optimizer: Adam, coupled L2 1e-4; the released cosine warm
+# restarts after 780 warm-up steps are not reproduced (constant rate).
+RELEASED_OPTIMIZER = dict(name="adam", lr=1e-3, momentum=0.9, weight_decay=1e-4,
+                          decay_fractions=(), decay_factor=0.1)
+
 
 def default_config() -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(dict(

@@ -65,6 +65,11 @@ SCOPES = ("conv_kernels", "encoder")
 # CREMA-D (0.8) and VGGSound (0.1), and one between.
 TUNING_GRID = {"alpha": (0.8, 0.4, 0.1)}
 
+# The released optimizer (main.py, CREMA-D): SGD 1e-3, StepLR(70) of 100.
+RELEASED_OPTIMIZER = dict(name="sgd", lr=1e-3, momentum=0.9, weight_decay=1e-4,
+                          decay_fractions=(0.7,), decay_factor=0.1)
+
+
 def default_config() -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(dict(
       # README: alpha 0.8 for CREMA-D (0.1 for VGGSound); the code requires it.

@@ -58,6 +58,11 @@ Array = jax.Array
 # concat/sum, 3.0 for FiLM/gated; BalanceBenchmark 0.6-1) and the EMA.
 TUNING_GRID = {"alpha": (2.0, 1.0, 3.0), "momentum": (0.0, 0.5)}
 
+# The released optimizer: SGD 1e-3, StepLR(70) of 100 epochs.
+RELEASED_OPTIMIZER = dict(name="sgd", lr=1e-3, momentum=0.9, weight_decay=1e-4,
+                          decay_fractions=(0.7,), decay_factor=0.1)
+
+
 def default_config() -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(dict(
       # bash.sh, CREMA-D concat/sum fusion: --alpha 2.0 (3.0 for FiLM/gated).

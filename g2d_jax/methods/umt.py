@@ -27,6 +27,12 @@ from g2d_jax.methods.base import standard_update
 # uses 10).
 TUNING_GRID = {"alpha": (1.0, 3.0, 10.0)}
 
+# G2D's protocol (the official config), also used for its UMT baseline:
+# SGD 1e-3, StepLR(200) of 300 epochs.
+RELEASED_OPTIMIZER = dict(name="sgd", lr=1e-3, momentum=0.9, weight_decay=1e-4,
+                          decay_fractions=(2 / 3,), decay_factor=0.1)
+
+
 def default_config() -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(dict(
       # G2D repo's feature-KD preset: weight 1, F.mse_loss (mean over B x D).

@@ -79,7 +79,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.smp = ml_collections.FieldReference(None, field_type=bool)
   # The optimizer every method trains the student with: "common" (the
   # config's `student.optimizer`, one protocol for all) or "released" (each
-  # method's own, `methods.PROTOCOLS`; decay points as fractions of the run).
+  # method's own, `methods.released_optimizer`; decay points as fractions
+  # of the run).
   c.protocol = "common"
   c.gating = ml_collections.ConfigDict(dict(
       # SMP stage lengths, k-1 entries, as fractions of the student's epochs
@@ -224,15 +225,14 @@ def student_optimizer(config: ml_collections.ConfigDict
   """The optimizer the student trains with under `config.protocol`.
 
   "common": `config.student.optimizer`. "released": that config with the
-  method's released optimizer (`methods.PROTOCOLS`: name, rate, momentum,
-  weight decay and decay points as fractions of the run) in its place; the
-  batch size and epochs stay the config's. Methods without a released
-  protocol (UME) keep the common one.
+  method's released optimizer (`methods.released_optimizer`: name, rate,
+  momentum, weight decay and decay points as fractions of the run) in its
+  place; the batch size and epochs stay the config's. Methods without a
+  released protocol (UME) keep the common one.
   """
   opt = ml_collections.ConfigDict(artifacts.plain(config.student.optimizer))
-  if config.get("protocol", "common") == "released" and (
-      config.method in methods.PROTOCOLS):
-    released = dict(methods.PROTOCOLS[config.method])
+  released = methods.released_optimizer(config.method)
+  if config.get("protocol", "common") == "released" and released is not None:
     opt.decay_epochs = None
     for key, value in released.items():
       opt[key] = tuple(value) if isinstance(value, list) else value
