@@ -108,8 +108,9 @@ def test_update_applies_the_pareto_gradient_of_the_separate_losses():
   params = jax.device_get(state.params)
   batch = next(loader.train_batches(ds.splits["train"], 32, seed=0, epoch=0))
   y = batch["label"]
-  forward = lambda p: steps.apply_model(model, p, state.batch_stats,
-                                        batch["inputs"], train=True)
+  forward = lambda p, inputs=None: steps.apply_model(
+      model, p, state.batch_stats,
+      batch["inputs"] if inputs is None else inputs, train=True)
   ce = lambda l: -jnp.mean(jax.nn.log_softmax(l)[jnp.arange(32), y])
   g_mm = jax.grad(lambda p: ce(forward(p)[0].logits))(params)
   g_uni = jax.grad(lambda p: sum(ce(l) for l in

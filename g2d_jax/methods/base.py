@@ -90,9 +90,12 @@ class StepContext:
     opt_state: the optimizer state at the start of the step.
     batch_stats: the BatchNorm statistics at the start of the step.
     method_state: the method's state (None without `init_state`).
-    forward: `forward(params) -> (outputs, new batch_stats)`, the train-mode
-      forward pass (with SMP-frozen branches behind `stop_gradient` when the
-      step is specialised to a gating pattern).
+    forward: `forward(params, inputs=None) -> (outputs, new batch_stats)`,
+      the train-mode forward pass of the batch's inputs, or of `inputs`
+      ({m: [B, ...]}, e.g. with a modality zeroed) when given (with
+      SMP-frozen branches behind `stop_gradient` when the step is
+      specialised to a gating pattern). Every pass starts from the step's
+      BatchNorm statistics; the method returns the ones it keeps.
     optimizer_update: `(grads, params, opt_state, mask) -> (params,
       opt_state)`; use `apply`.
   """
@@ -129,13 +132,13 @@ class StepContext:
 
   def value_and_grad(self, loss: Callable[[Any, StepContext],
                                           tuple[Array, Metrics]],
-                     params: Any = None) -> Gradient:
-    """Forward pass, `loss(outputs, ctx)` and its gradient w.r.t. params
-    (default: the step's parameters)."""
+                     params: Any = None, inputs: Any = None) -> Gradient:
+    """Forward pass (of the batch's inputs, or `inputs`), `loss(outputs,
+    ctx)` and its gradient w.r.t. params (default: the step's parameters)."""
     params = self.params if params is None else params
 
     def fn(p):
-      outputs, batch_stats = self.forward(p)
+      outputs, batch_stats = self.forward(p, inputs)
       value, metrics = loss(outputs, self)
       return value, (metrics, outputs, batch_stats)
 

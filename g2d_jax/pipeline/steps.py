@@ -181,13 +181,14 @@ class TrainStep:
         scalars.update({f"confidence/{m}": v for m, v in
                         batch["gate"]["confidence"].items()})
 
-      def forward(params):
+      def forward(params, inputs=None):
         # stop_gradient must act inside the differentiated function: on the
         # parameters `value_and_grad` differentiates, not on its argument.
         if frozen:
           params = _frozen_view(params, frozen, modalities, gate.semantics,
                                 gate.scope)
-        return apply_model(model, params, state.batch_stats, batch["inputs"],
+        return apply_model(model, params, state.batch_stats,
+                           batch["inputs"] if inputs is None else inputs,
                            train=True, rng=rng)
 
       def optimizer_update(grads, params, opt_state, mask):
