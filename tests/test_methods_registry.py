@@ -19,7 +19,7 @@ from tests.test_pipeline_steps import AUDIO_WEAK
 from tests.test_pipeline_steps import batch_with_teacher
 
 TRAINED = ("joint", "umt", "ogm", "ogm_ge", "mlb", "mmpareto", "mla", "pmr",
-           "g2d")
+           "mslr", "g2d")
 
 
 def test_every_method_has_its_sub_config_and_the_smp_default():
@@ -75,7 +75,8 @@ def test_specs():
           if m.spec.teacher_outputs} == {"umt": ["features"],
                                          "g2d": ["features", "logits"]}
   assert [n for n, m in built.items() if m.spec.masked_updates] == ["mla"]
-  assert [n for n, m in built.items() if m.epoch_hook] == ["pmr"]
+  assert {n: m.epoch_hook.split for n, m in built.items()
+          if m.epoch_hook} == {"pmr": "train", "mslr": "val"}
 
 
 def test_ume_is_selectable_but_builds_no_method():
@@ -110,7 +111,8 @@ def test_invalid_methods_fail_at_construction():
 
 # Loss-only methods (joint, umt, g2d) compose through the same path as G2D,
 # which tests/test_pipeline_steps.py covers; these are the ones with hooks.
-@pytest.mark.parametrize("name", ["ogm_ge", "mlb", "mmpareto", "mla", "pmr"])
+@pytest.mark.parametrize("name", ["ogm_ge", "mlb", "mmpareto", "mla", "pmr",
+                                  "mslr"])
 def test_smp_composes_with_every_method(name):
   """One step with SMP (audio trains alone): the image branch, including a
   method's own image head, does not move; the step compiles once, as the
@@ -124,7 +126,7 @@ def test_smp_composes_with_every_method(name):
   s = student_lib.build_student(cfg, ds, mesh)
   method, gate, step, state = s.method, s.gate, s.step, s.state
   hook = student_lib.make_epoch_hook(s, ds.splits["train"], 32, cfg.seed,
-                                     mesh)
+                                     mesh, val=ds.splits["val"])
   if hook is not None:
     state = hook(state, 0)
   before = jax.device_get(state.params)

@@ -13,6 +13,7 @@ the defaults of its released code, commented with their source) and
   mmpareto   Pareto combination of multimodal and unimodal encoder gradients
   mla        alternating unimodal sub-updates of a shared head (+ GS projection)
   pmr        prototype cross-entropy on the weaker modality
+  mslr       encoder gradients scaled by each modality's validation trend
   g2d        G2D loss (+ SMP by default)
 
 and one evaluation that trains nothing, selectable by the same name:
@@ -65,12 +66,14 @@ _MODULES = {
     "mmpareto": "g2d_jax.methods.mmpareto",
     "mla": "g2d_jax.methods.mla",
     "pmr": "g2d_jax.methods.pmr",
+    "mslr": "g2d_jax.methods.mslr",
     "g2d": "g2d_jax.methods.g2d",
 }
 
 # The teachers' ensemble: selectable as config.method, trains no student.
 TEACHER_ENSEMBLE = "ume"
 _ENSEMBLE_MODULE = "g2d_jax.methods.ume"
+
 
 def released_optimizer(name: str) -> dict[str, Any] | None:
   """The optimizer method `name`'s released code trains with (its module's

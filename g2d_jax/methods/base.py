@@ -230,24 +230,35 @@ class MethodSpec:
   masked_updates: bool = False
 
 
+HOOK_SPLITS = ("train", "val")
+
+
 @dataclasses.dataclass(frozen=True)
 class EpochHook:
   """Host-side work at the start of every epoch (before its first step).
 
-  The pipeline runs the model in inference mode over the first
-  `max(1, floor(fraction * steps_per_epoch))` training batches of the epoch,
-  sums `accumulate` over them, and stores `finish` in the method state. A run
-  resumed mid-epoch does not repeat it (the state was checkpointed with it).
+  The pipeline runs the model in inference mode over batches of `split`,
+  sums `accumulate` over them, and stores `finish` in the method state:
+  for "train", the first `max(1, floor(fraction * steps_per_epoch))`
+  batches the epoch is about to train on (PMR's prototypes); for "val",
+  the first `max(1, floor(fraction * val batches))` batches of the
+  validation split in order, the last one padded (MSLR's validation
+  accuracy, measured on the model the previous epoch left). Every batch
+  carries `mask` [B] (False on padding; all True on training batches),
+  which `accumulate` must honour. A run resumed mid-epoch does not repeat
+  the hook (the state was checkpointed with it).
 
   Attributes:
-    fraction: share of the epoch's training batches to visit.
+    fraction: share of the split's batches to visit.
     accumulate: (model outputs, batch) -> {name: array}, additive over
       batches (jitted).
     finish: (method_state, sums, epoch) -> method_state (jitted).
+    split: "train" or "val".
   """
   fraction: float
   accumulate: Callable[[Any, Batch], dict[str, Array]]
   finish: Callable[[Any, dict[str, Array], Array], Any]
+  split: str = "train"
 
   def num_batches(self, steps_per_epoch: int) -> int:
     return max(1, int(self.fraction * steps_per_epoch + 1e-9))
@@ -292,6 +303,9 @@ class Method:
       if self.init_state is None:
         raise ConfigError(f"{where} has an epoch hook but no init_state: "
                           "the hook writes its result into the method state.")
+      if hook.split not in HOOK_SPLITS:
+        raise ConfigError(f"{where}: the epoch hook's split {hook.split!r} "
+                          f"is not one of {HOOK_SPLITS}.")
       if not 0.0 < hook.fraction <= 1.0:
         raise ConfigError(f"{where}: the epoch hook's fraction "
                           f"{hook.fraction} must be in (0, 1].")

@@ -165,14 +165,30 @@ def fingerprint(config: ml_collections.ConfigDict, dataset: MultimodalDataset,
 
 
 def make_epoch_hook(student: Student, train: Any, batch_size: int, seed: int,
-                    mesh: jax.sharding.Mesh):
+                    mesh: jax.sharding.Mesh, val: Any = None):
   """`hook(state, epoch) -> state` running the method's `epoch_hook`: an
   inference-mode pass over the first batches of the epoch (the ones it is
-  about to train on), whose summed statistics update the method state."""
+  about to train on) or of the validation split `val` (the hook's `split`),
+  whose summed statistics update the method state."""
   hook, model = student.method.epoch_hook, student.model
   if hook is None:
     return None
-  n = hook.num_batches(loader.steps_per_epoch(len(train), batch_size))
+  if hook.split == "val" and val is None:
+    raise ValueError(f"method {student.method.name!r} has an epoch hook on "
+                     "the validation split; pass the split as `val`.")
+  if hook.split == "val":
+    n = hook.num_batches(-(-len(val) // batch_size))  # padded, so ceil
+  else:
+    n = hook.num_batches(loader.steps_per_epoch(len(train), batch_size))
+
+  def batches(epoch: int):
+    if hook.split == "val":
+      return loader.eval_batches(val, batch_size)
+    def with_mask(batch):
+      batch["mask"] = np.ones(len(batch["label"]), bool)
+      return batch
+    return map(with_mask, loader.train_batches(train, batch_size, seed=seed,
+                                               epoch=epoch))
 
   @jax.jit
   def accumulate(params, batch_stats, batch):
@@ -184,8 +200,7 @@ def make_epoch_hook(student: Student, train: Any, batch_size: int, seed: int,
 
   def run(state: steps.TrainState, epoch: int) -> steps.TrainState:
     sums = None
-    batches = loader.train_batches(train, batch_size, seed=seed, epoch=epoch)
-    for _, batch in zip(range(n), batches):
+    for _, batch in zip(range(n), batches(epoch)):
       s = accumulate(state.params, state.batch_stats,
                      mesh_lib.shard_batch(batch, mesh))
       sums = s if sums is None else jax.tree.map(jnp.add, sums, s)
@@ -247,7 +262,8 @@ def train_student(config: ml_collections.ConfigDict,
       teacher=cache["train"] if cache else None, teacher_keys=keys,
       gate=student.gate.for_batch,
       epoch_hook=make_epoch_hook(student, train, config.student.batch_size,
-                                 config.seed, mesh),
+                                 config.seed, mesh,
+                                 val=dataset.splits["val"]),
       log_every_steps=config.log_every_steps,
       checkpoint_every_steps=config.student.checkpoint_every_steps,
       log_config=config.logging,
