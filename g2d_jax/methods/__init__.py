@@ -14,6 +14,11 @@ the defaults of its released code, commented with their source) and
   mla        alternating unimodal sub-updates of a shared head (+ GS projection)
   pmr        prototype cross-entropy on the weaker modality
   mslr       encoder gradients scaled by each modality's validation trend
+  agm        Shapley mono-modal outputs, gradients scaled toward the running
+             score ratio (+ gradient-norm clipping)
+  greedy     conditional learning speeds; re-balancing steps for the slower
+             modality (two modalities)
+  gblending  unimodal + fused losses weighted by probe-measured OGR
   g2d        G2D loss (+ SMP by default)
 
 and one evaluation that trains nothing, selectable by the same name:
@@ -53,6 +58,7 @@ from g2d_jax.methods.base import Gradient
 from g2d_jax.methods.base import HeadsSpec
 from g2d_jax.methods.base import Method
 from g2d_jax.methods.base import MethodSpec
+from g2d_jax.methods.base import ProbeHook
 from g2d_jax.methods.base import StepContext
 from g2d_jax.methods.base import StepResult
 from g2d_jax.methods.base import standard_update
@@ -67,6 +73,9 @@ _MODULES = {
     "mla": "g2d_jax.methods.mla",
     "pmr": "g2d_jax.methods.pmr",
     "mslr": "g2d_jax.methods.mslr",
+    "agm": "g2d_jax.methods.agm",
+    "greedy": "g2d_jax.methods.greedy",
+    "gblending": "g2d_jax.methods.gblending",
     "g2d": "g2d_jax.methods.g2d",
 }
 
@@ -162,6 +171,7 @@ def apply_preset(config: ml_collections.ConfigDict, name: str, *,
 
 
 __all__ = ["EpochHook", "Gradient", "HeadsSpec", "Method", "MethodSpec",
+           "ProbeHook",
            "StepContext", "StepResult", "TEACHER_ENSEMBLE",
            "apply_preset", "available", "build_method", "default_configs",
            "released_optimizer",

@@ -90,12 +90,14 @@ class StepContext:
     opt_state: the optimizer state at the start of the step.
     batch_stats: the BatchNorm statistics at the start of the step.
     method_state: the method's state (None without `init_state`).
-    forward: `forward(params, inputs=None) -> (outputs, new batch_stats)`,
-      the train-mode forward pass of the batch's inputs, or of `inputs`
-      ({m: [B, ...]}, e.g. with a modality zeroed) when given (with
-      SMP-frozen branches behind `stop_gradient` when the step is
-      specialised to a gating pattern). Every pass starts from the step's
-      BatchNorm statistics; the method returns the ones it keeps.
+    forward: `forward(params, inputs=None, *, train=True) -> (outputs, new
+      batch_stats)`, the train-mode forward pass of the batch's inputs, or
+      of `inputs` ({m: [B, ...]}, e.g. with a modality zeroed) when given;
+      `train=False` is the inference-mode pass (BatchNorm running
+      statistics, no dropout), still differentiable. SMP-frozen branches
+      sit behind `stop_gradient` when the step is specialised to a gating
+      pattern. Every pass starts from the step's BatchNorm statistics; the
+      method returns the ones it keeps.
     optimizer_update: `(grads, params, opt_state, mask) -> (params,
       opt_state)`; use `apply`.
   """
@@ -265,6 +267,43 @@ class EpochHook:
 
 
 @dataclasses.dataclass(frozen=True)
+class ProbeHook:
+  """Short training runs from a copy of the student at the start of every
+  `every`-th epoch (Gradient Blending's overfitting-to-generalisation
+  estimate), whose losses update the method state.
+
+  For each name in `probes`, the pipeline copies the student's parameters
+  and BatchNorm statistics, trains the copy for `epochs` epochs on
+  `loss(probe, outputs, labels)` (per sample, [B]) of the model applied to
+  `inputs(probe, batch inputs)`, with a fresh, constant-rate instance of the
+  student's optimizer (no SMP gate), and records the sum over batches of
+  the batch-mean training loss of every probe epoch and, after the first
+  and the last probe epoch, the same sum over the validation split
+  (inference mode, padding masked). The student itself does not move.
+  `finish(method_state, {probe: {"train": [epochs], "val": [2]}}, epoch)`
+  returns the new method state. Deterministic per seed and epoch, and run
+  only at the start of an epoch, so resume stays exact.
+
+  Attributes:
+    every: epochs between probe rounds (a round at epochs 0, every, ...).
+    epochs: probe length in epochs (>= 1).
+    probes: probe names.
+    inputs: (probe, {m: [B, ...]}) -> inputs the probe trains on.
+    loss: (probe, model outputs, labels [B]) -> per-sample loss [B].
+    finish: (method_state, losses, epoch) -> method_state (jitted).
+  """
+  every: int
+  epochs: int
+  probes: tuple[str, ...]
+  inputs: Callable[[str, Mapping[str, Array]], Mapping[str, Array]]
+  loss: Callable[[str, Any, Array], Array]
+  finish: Callable[[Any, dict[str, dict[str, Array]], Array], Any]
+
+  def runs_at(self, epoch: int) -> bool:
+    return epoch % self.every == 0
+
+
+@dataclasses.dataclass(frozen=True)
 class Method:
   """A balancing method (see the module docstring).
 
@@ -275,14 +314,15 @@ class Method:
     init_state: optional `(params, abstract outputs) -> state`, the method
       state carried in `TrainState.method_state` across steps and
       checkpoints (MLA's projection matrix, PMR's prototypes).
-    epoch_hook: optional host-side work at the start of every epoch, whose
+    epoch_hook: optional host-side work at the start of an epoch (an
+      inference pass, `EpochHook`, or probe trainings, `ProbeHook`), whose
       result is written into the method state.
   """
   name: str
   update: UpdateFn
   spec: MethodSpec = MethodSpec()
   init_state: Callable[[Any, Any], Any] | None = None
-  epoch_hook: EpochHook | None = None
+  epoch_hook: EpochHook | ProbeHook | None = None
 
   def __post_init__(self):
     spec = self.spec
@@ -303,6 +343,13 @@ class Method:
       if self.init_state is None:
         raise ConfigError(f"{where} has an epoch hook but no init_state: "
                           "the hook writes its result into the method state.")
+      if isinstance(hook, ProbeHook):
+        if min(hook.every, hook.epochs) < 1 or not hook.probes:
+          raise ConfigError(f"{where}: a probe hook needs every >= 1, "
+                            f"epochs >= 1 and at least one probe; got "
+                            f"every={hook.every}, epochs={hook.epochs}, "
+                            f"probes={hook.probes}.")
+        return
       if hook.split not in HOOK_SPLITS:
         raise ConfigError(f"{where}: the epoch hook's split {hook.split!r} "
                           f"is not one of {HOOK_SPLITS}.")

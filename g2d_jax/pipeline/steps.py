@@ -181,7 +181,7 @@ class TrainStep:
         scalars.update({f"confidence/{m}": v for m, v in
                         batch["gate"]["confidence"].items()})
 
-      def forward(params, inputs=None):
+      def forward(params, inputs=None, *, train=True):
         # stop_gradient must act inside the differentiated function: on the
         # parameters `value_and_grad` differentiates, not on its argument.
         if frozen:
@@ -189,7 +189,7 @@ class TrainStep:
                                 gate.scope)
         return apply_model(model, params, state.batch_stats,
                            batch["inputs"] if inputs is None else inputs,
-                           train=True, rng=rng)
+                           train=train, rng=rng if train else None)
 
       def optimizer_update(grads, params, opt_state, mask):
         if mask is not None and kappa is None:

@@ -165,14 +165,23 @@ def fingerprint(config: ml_collections.ConfigDict, dataset: MultimodalDataset,
 
 
 def make_epoch_hook(student: Student, train: Any, batch_size: int, seed: int,
-                    mesh: jax.sharding.Mesh, val: Any = None):
+                    mesh: jax.sharding.Mesh, val: Any = None,
+                    probe_tx: optax.GradientTransformation | None = None):
   """`hook(state, epoch) -> state` running the method's `epoch_hook`: an
   inference-mode pass over the first batches of the epoch (the ones it is
   about to train on) or of the validation split `val` (the hook's `split`),
-  whose summed statistics update the method state."""
+  whose summed statistics update the method state; or, for a `ProbeHook`,
+  its probe trainings (`make_probe_hook`) with the optimizer `probe_tx`
+  (`probe_optimizer`)."""
   hook, model = student.method.epoch_hook, student.model
   if hook is None:
     return None
+  if isinstance(hook, methods.ProbeHook):
+    if val is None or probe_tx is None:
+      raise ValueError(f"method {student.method.name!r} trains probes at "
+                       "epoch starts; pass `val` and `probe_tx`.")
+    return make_probe_hook(student, hook, train, val, batch_size, seed, mesh,
+                           probe_tx)
   if hook.split == "val" and val is None:
     raise ValueError(f"method {student.method.name!r} has an epoch hook on "
                      "the validation split; pass the split as `val`.")
@@ -205,6 +214,87 @@ def make_epoch_hook(student: Student, train: Any, batch_size: int, seed: int,
                      mesh_lib.shard_batch(batch, mesh))
       sums = s if sums is None else jax.tree.map(jnp.add, sums, s)
     new = finish(state.method_state, sums, np.int32(epoch))
+    return state.replace(method_state=mesh_lib.replicate(new, mesh))
+
+  return run
+
+
+def probe_optimizer(config: ml_collections.ConfigDict, steps_per_epoch: int
+                    ) -> optax.GradientTransformation:
+  """The student's optimizer at its initial, constant rate: what a probe
+  training (`ProbeHook`) starts from, fresh each time."""
+  opt = config_lib.student_optimizer(config)
+  opt.decay_fractions, opt.decay_epochs = (), ()
+  return steps.make_optimizer(opt, steps_per_epoch, config.student.epochs)
+
+
+def make_probe_hook(student: Student, hook: methods.ProbeHook, train: Any,
+                    val: Any, batch_size: int, seed: int,
+                    mesh: jax.sharding.Mesh,
+                    tx: optax.GradientTransformation):
+  """`hook(state, epoch) -> state` running a `ProbeHook`'s trainings at the
+  start of every `hook.every`-th epoch (see `methods.ProbeHook`)."""
+  model = student.model
+
+  def make_step(probe: str):
+    def step(params, opt_state, batch_stats, batch, rng):
+      def fn(p):
+        out, new_stats = steps.apply_model(
+            model, p, batch_stats, hook.inputs(probe, batch["inputs"]),
+            train=True, rng=rng)
+        return jnp.mean(hook.loss(probe, out, batch["label"])), new_stats
+      (loss, new_stats), grads = jax.value_and_grad(fn, has_aux=True)(params)
+      updates, opt_state = tx.update(grads, opt_state, params)
+      return optax.apply_updates(params, updates), opt_state, new_stats, loss
+
+    def val_loss(params, batch_stats, batch):
+      out, _ = steps.apply_model(model, params, batch_stats,
+                                 hook.inputs(probe, batch["inputs"]),
+                                 train=False)
+      mask = batch["mask"].astype(jnp.float32)
+      per = hook.loss(probe, out, batch["label"])
+      return jnp.sum(per * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+
+    return jax.jit(step, donate_argnums=(1,)), jax.jit(val_loss)
+
+  jitted = {probe: make_step(probe) for probe in hook.probes}
+  finish = jax.jit(hook.finish)
+
+  def validate(val_fn, params, batch_stats):
+    total = jnp.float32(0.0)
+    for batch in loader.eval_batches(val, batch_size):
+      total = total + val_fn(params, batch_stats,
+                             mesh_lib.shard_batch(batch, mesh))
+    return total
+
+  def run(state: steps.TrainState, epoch: int) -> steps.TrainState:
+    if not hook.runs_at(epoch):
+      return state
+    losses = {}
+    for j, probe in enumerate(hook.probes):
+      step_fn, val_fn = jitted[probe]
+      params, batch_stats = state.params, state.batch_stats
+      opt_state = tx.init(params)
+      stream = loader.epoch_seed(seed, 1_000_003 * (epoch + 1) + j)
+      rng = jax.random.key(stream)
+      train_sums, val_sums = [], []
+      for e in range(hook.epochs):
+        total = jnp.float32(0.0)
+        for i, batch in enumerate(loader.train_batches(
+            train, batch_size, seed=stream, epoch=e)):
+          params, opt_state, batch_stats, loss = step_fn(
+              params, opt_state, batch_stats,
+              mesh_lib.shard_batch(batch, mesh),
+              jax.random.fold_in(rng, e * 1_000_003 + i))
+          total = total + loss
+        train_sums.append(total)
+        if e in (0, hook.epochs - 1):
+          val_sums.append(validate(val_fn, params, batch_stats))
+      if hook.epochs == 1:
+        val_sums = val_sums * 2
+      losses[probe] = {"train": jnp.stack(train_sums),
+                       "val": jnp.stack(val_sums)}
+    new = finish(state.method_state, losses, np.int32(epoch))
     return state.replace(method_state=mesh_lib.replicate(new, mesh))
 
   return run
@@ -261,9 +351,10 @@ def train_student(config: ml_collections.ConfigDict,
       mesh=mesh, fingerprint=fp,
       teacher=cache["train"] if cache else None, teacher_keys=keys,
       gate=student.gate.for_batch,
-      epoch_hook=make_epoch_hook(student, train, config.student.batch_size,
-                                 config.seed, mesh,
-                                 val=dataset.splits["val"]),
+      epoch_hook=make_epoch_hook(
+          student, train, config.student.batch_size, config.seed, mesh,
+          val=dataset.splits["val"],
+          probe_tx=probe_optimizer(config, student.steps_per_epoch)),
       log_every_steps=config.log_every_steps,
       checkpoint_every_steps=config.student.checkpoint_every_steps,
       log_config=config.logging,
