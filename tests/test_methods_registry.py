@@ -19,7 +19,8 @@ from tests.test_pipeline_steps import AUDIO_WEAK
 from tests.test_pipeline_steps import batch_with_teacher
 
 TRAINED = ("joint", "umt", "ogm", "ogm_ge", "mlb", "mmpareto", "mla", "pmr",
-           "mslr", "agm", "greedy", "gblending", "g2d")
+           "mslr", "mmcosine", "opm", "agm", "reconboost", "greedy",
+           "gblending", "g2d")
 
 
 def test_every_method_has_its_sub_config_and_the_smp_default():
@@ -66,15 +67,18 @@ def build(name, **overrides):
 def test_specs():
   built = {n: build(n) for n in TRAINED}
   assert {n for n, m in built.items() if m.spec.skip_frozen_exact} == {
-      "joint", "umt", "pmr", "gblending", "g2d"}
+      "joint", "umt", "pmr", "mmcosine", "opm", "reconboost", "gblending",
+      "g2d"}
   assert {n: m.spec.updates_per_step for n, m in built.items()
           if m.spec.updates_per_step != 1} == {"mla": 2}
   assert {n: m.spec.heads.kind for n, m in built.items() if m.spec.heads} == {
-      "mlb": "unimodal", "mmpareto": "unimodal", "mla": "shared"}
+      "mlb": "unimodal", "mmpareto": "unimodal", "mla": "shared",
+      "reconboost": "shared"}
   assert {n: sorted(m.spec.teacher_outputs) for n, m in built.items()
           if m.spec.teacher_outputs} == {"umt": ["features"],
                                          "g2d": ["features", "logits"]}
-  assert [n for n, m in built.items() if m.spec.masked_updates] == ["mla"]
+  assert [n for n, m in built.items() if m.spec.masked_updates] == [
+      "mla", "reconboost"]
   assert {n: getattr(m.epoch_hook, "split", "probe") for n, m in built.items()
           if m.epoch_hook} == {"pmr": "train", "mslr": "val",
                                "gblending": "probe"}
@@ -116,7 +120,8 @@ def test_invalid_methods_fail_at_construction():
 # path as G2D, which tests/test_pipeline_steps.py covers; these are the ones
 # with hooks.
 @pytest.mark.parametrize("name", ["ogm_ge", "mlb", "mmpareto", "mla", "pmr",
-                                  "mslr", "agm", "greedy"])
+                                  "mslr", "mmcosine", "opm", "agm",
+                                  "reconboost", "greedy"])
 def test_smp_composes_with_every_method(name):
   """One step with SMP (audio trains alone): the image branch, including a
   method's own image head, does not move; the step compiles once, as the

@@ -14,8 +14,11 @@ the defaults of its released code, commented with their source) and
   mla        alternating unimodal sub-updates of a shared head (+ GS projection)
   pmr        prototype cross-entropy on the weaker modality
   mslr       encoder gradients scaled by each modality's validation trend
+  mmcosine   fused logits as scaled cosines of features and class weights
+  opm        per-sample feature drop of the dominant modality (OPM)
   agm        Shapley mono-modal outputs, gradients scaled toward the running
              score ratio (+ gradient-norm clipping)
+  reconboost alternating boosting stages of each modality's learner
   greedy     conditional learning speeds; re-balancing steps for the slower
              modality (two modalities)
   gblending  unimodal + fused losses weighted by probe-measured OGR
@@ -73,7 +76,10 @@ _MODULES = {
     "mla": "g2d_jax.methods.mla",
     "pmr": "g2d_jax.methods.pmr",
     "mslr": "g2d_jax.methods.mslr",
+    "mmcosine": "g2d_jax.methods.mmcosine",
+    "opm": "g2d_jax.methods.opm",
     "agm": "g2d_jax.methods.agm",
+    "reconboost": "g2d_jax.methods.reconboost",
     "greedy": "g2d_jax.methods.greedy",
     "gblending": "g2d_jax.methods.gblending",
     "g2d": "g2d_jax.methods.g2d",
