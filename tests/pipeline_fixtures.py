@@ -69,6 +69,55 @@ def student(config, dataset, mesh):
   return s.model, s.state
 
 
+def first_batch(dataset, batch_size=32):
+  """The first training batch of epoch 0 (seed 0)."""
+  from g2d_jax.pipeline import loader  # pylint: disable=g-import-not-at-top
+  return next(loader.train_batches(dataset.splits["train"], batch_size,
+                                   seed=0, epoch=0))
+
+
+def one_step(config, dataset, epoch):
+  """One training step of a fresh student on `first_batch`: (model,
+  params before, BatchNorm stats before, the batch, params after, the
+  step's scalar metrics as floats)."""
+  from g2d_jax.pipeline import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
+  from g2d_jax.pipeline import student as student_lib  # pylint: disable=g-import-not-at-top
+  mesh = mesh_lib.data_mesh(jax.devices()[:1])
+  s = student_lib.build_student(config, dataset, mesh)
+  params0 = jax.device_get(s.state.params)
+  bs0 = jax.device_get(s.state.batch_stats)
+  batch = first_batch(dataset)
+  batch["gate"] = s.gate.for_batch(batch, epoch)
+  new, metrics = s.step(s.state, mesh_lib.shard_batch(batch, mesh),
+                        np.int32(epoch), jax.random.key(0))
+  return s.model, params0, bs0, batch, jax.device_get(new.params), {
+      k: float(v) for k, v in metrics["scalars"].items()}
+
+
+def assert_resume_exact(config, dataset, tmp_path, stops):
+  """Trains `config` straight, and again killed after each of `stops` steps
+  (counted from each restart) and resumed; both end with identical
+  weights."""
+  import pytest  # pylint: disable=g-import-not-at-top
+  from g2d_jax.pipeline import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
+  from g2d_jax.pipeline import student as student_lib  # pylint: disable=g-import-not-at-top
+  from g2d_jax.pipeline import trainer  # pylint: disable=g-import-not-at-top
+  mesh = mesh_lib.data_mesh(jax.devices()[:1])
+  straight, resumed = str(tmp_path / "a"), str(tmp_path / "b")
+  student_lib.train_student(config, dataset, straight, mesh)
+  for stop in stops:
+    with pytest.raises(trainer.Interrupted):
+      student_lib.train_student(config, dataset, resumed, mesh,
+                                stop_after_steps=stop)
+  student_lib.train_student(config, dataset, resumed, mesh)
+  wa = jax.device_get(student_lib.load_student(config, dataset, straight,
+                                               mesh)[1])
+  wb = jax.device_get(student_lib.load_student(config, dataset, resumed,
+                                               mesh)[1])
+  for a, b in zip(jax.tree.leaves(wa), jax.tree.leaves(wb), strict=True):
+    np.testing.assert_array_equal(a, b)
+
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

@@ -18,8 +18,6 @@ from g2d_jax.pipeline import mesh as mesh_lib
 from g2d_jax.pipeline import steps
 from g2d_jax.pipeline import student as student_lib
 from tests import pipeline_fixtures as fx
-from tests.test_pipeline_steps import AUDIO_WEAK
-from tests.test_pipeline_steps import batch_with_teacher
 
 MODS = ("audio", "image")
 
@@ -418,31 +416,6 @@ def test_training_steps_follow_the_release_and_hold_after_the_window():
   assert float(ms2["score_avg"]["audio"]) == pytest.approx(
       ta / 2 + s2 / 2, rel=1e-5)
   assert step.compiled_patterns() == {loader.ALL: 1}
-
-
-def test_smp_composes():
-  """SMP with audio training alone: the image branch does not move, the
-  audio branch does, and the plain step compiles once."""
-  ds = fx.tiny_dataset()
-  mesh = mesh_lib.data_mesh(jax.devices()[:1])
-  cfg = fx.tiny_config(method="agm", smp=True)
-  s = student_lib.build_student(cfg, ds, mesh)
-  before = jax.device_get(s.state.params)
-  batch = batch_with_teacher(ds, *AUDIO_WEAK)
-  batch["gate"] = s.gate.for_batch(batch, 0)
-  assert batch["gate"]["pattern"] == 0
-  new, metrics = s.step(s.state, mesh_lib.shard_batch(batch, mesh),
-                        np.int32(0), jax.random.key(0))
-  assert float(metrics["scalars"]["kappa/image"]) == 0.0
-  assert np.isfinite(float(metrics["scalars"]["loss"]))
-  after = jax.device_get(new.params)
-  for x, w in zip(jax.tree.leaves(after["encoders"]["image"]),
-                  jax.tree.leaves(before["encoders"]["image"])):
-    np.testing.assert_array_equal(x, w)
-  assert any(not np.array_equal(x, w) for x, w in zip(
-      jax.tree.leaves(after["encoders"]["audio"]),
-      jax.tree.leaves(before["encoders"]["audio"])))
-  assert s.step.compiled_patterns() == {loader.ALL: 1}
 
 
 def test_coalitions_cover_every_nonempty_subset_once():

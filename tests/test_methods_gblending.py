@@ -17,7 +17,6 @@ from g2d_jax.pipeline import loader
 from g2d_jax.pipeline import mesh as mesh_lib
 from g2d_jax.pipeline import steps
 from g2d_jax.pipeline import student as student_lib
-from g2d_jax.pipeline import trainer
 from tests import pipeline_fixtures as fx
 from tests.test_pipeline_steps import AUDIO_WEAK
 from tests.test_pipeline_steps import batch_with_teacher
@@ -191,20 +190,9 @@ def test_a_step_trains_the_blend():
 
 
 def test_resumed_training_equals_uninterrupted(tmp_path):
-  ds = fx.tiny_dataset()
-  mesh = mesh_lib.data_mesh(jax.devices()[:1])
   cfg = fx.tiny_config(**{"method": "gblending", "student.epochs": 4,
                           "gblending.period": 0.5,
                           "student.checkpoint_every_steps": 3})
-  straight, resumed = str(tmp_path / "a"), str(tmp_path / "b")
-  student_lib.train_student(cfg, ds, straight, mesh)
-  # Killed mid-epoch 2 (after its probe round) and at the end of epoch 1.
-  with pytest.raises(trainer.Interrupted):
-    student_lib.train_student(cfg, ds, resumed, mesh, stop_after_steps=9)
-  with pytest.raises(trainer.Interrupted):
-    student_lib.train_student(cfg, ds, resumed, mesh, stop_after_steps=1)
-  student_lib.train_student(cfg, ds, resumed, mesh)
-  wa = jax.device_get(student_lib.load_student(cfg, ds, straight, mesh)[1])
-  wb = jax.device_get(student_lib.load_student(cfg, ds, resumed, mesh)[1])
-  for a, b in zip(jax.tree.leaves(wa), jax.tree.leaves(wb)):
-    np.testing.assert_array_equal(a, b)
+  # Killed mid-epoch 2 (after its probe round), then one step after the
+  # restart.
+  fx.assert_resume_exact(cfg, fx.tiny_dataset(), tmp_path, stops=(9, 1))

@@ -11,7 +11,6 @@ import pytest
 from g2d_jax import losses
 from g2d_jax.errors import ConfigError
 from g2d_jax.methods import mmcosine
-from g2d_jax.pipeline import loader
 from g2d_jax.pipeline import mesh as mesh_lib
 from g2d_jax.pipeline import steps
 from g2d_jax.pipeline import student as student_lib
@@ -102,23 +101,6 @@ def test_logits_ignore_feature_and_weight_norms_and_zero_features():
   assert all(np.isfinite(np.asarray(g)).all() for g in grads.values())
 
 
-def first_batch(ds):
-  return next(loader.train_batches(ds.splits["train"], 32, seed=0, epoch=0))
-
-
-def one_step(cfg, ds, epoch):
-  mesh = mesh_lib.data_mesh(jax.devices()[:1])
-  s = student_lib.build_student(cfg, ds, mesh)
-  params0 = jax.device_get(s.state.params)
-  bs0 = jax.device_get(s.state.batch_stats)
-  batch = first_batch(ds)
-  batch["gate"] = s.gate.for_batch(batch, epoch)
-  new, metrics = s.step(s.state, mesh_lib.shard_batch(batch, mesh),
-                        np.int32(epoch), jax.random.key(0))
-  return s.model, params0, bs0, batch, jax.device_get(new.params), {
-      k: float(v) for k, v in metrics["scalars"].items()}
-
-
 def plain_sgd(**overrides):
   return fx.tiny_config(**{"method": "mmcosine",
                            "student.optimizer.momentum": 0.0,
@@ -132,7 +114,7 @@ def test_training_step_descends_the_released_loss(fusion):
   the weights in the release's concat layout; the bias gets no gradient."""
   ds = fx.tiny_dataset()
   cfg = plain_sgd(**{"model.fusion": fusion})
-  model, params0, bs0, batch, new, metrics = one_step(cfg, ds, 0)
+  model, params0, bs0, batch, new, metrics = fx.one_step(cfg, ds, 0)
 
   def released(p):
     out, _ = steps.apply_model(model, p, bs0, batch["inputs"], train=True,
@@ -173,7 +155,7 @@ def test_outside_the_window_the_loss_is_the_fused_cross_entropy():
   ds = fx.tiny_dataset()
   cfg = plain_sgd(**{"model.fusion": "concat",
                      "mmcosine.window.start_epoch": 1})
-  model, params0, bs0, batch, new, metrics = one_step(cfg, ds, 0)
+  model, params0, bs0, batch, new, metrics = fx.one_step(cfg, ds, 0)
   out, _ = steps.apply_model(model, params0, bs0, batch["inputs"],
                              train=True, rng=jax.random.key(0))
   assert metrics["mmcosine/active"] == 0.0

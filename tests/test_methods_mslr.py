@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 
 from g2d_jax.errors import ConfigError
+from g2d_jax.methods import common
 from g2d_jax.methods import mslr
 from g2d_jax.pipeline import mesh as mesh_lib
 from g2d_jax.pipeline import steps
 from g2d_jax.pipeline import student as student_lib
-from g2d_jax.pipeline import trainer
 from tests import pipeline_fixtures as fx
 from tests.test_pipeline_steps import AUDIO_WEAK
 from tests.test_pipeline_steps import batch_with_teacher
@@ -73,7 +73,8 @@ def test_only_encoder_leaves_are_scaled():
                                   "head": {"kernel": one(2, 3)}},
                         "image": {"backbone": {"w": one(3)}}},
            "fusion": {"b": one(3)}}
-  out = mslr.scale_encoders(grads, {"audio": 2.0, "image": 0.5}, MODS)
+  out = common.scale_by_modality(grads, {"audio": 2.0, "image": 0.5}, MODS,
+                                 encoders_only=True)
   assert float(out["encoders"]["audio"]["backbone"]["w"][0, 0]) == 2.0
   assert float(out["encoders"]["image"]["backbone"]["w"][0]) == 0.5
   # The late fusion's per-modality head and shared leaves are not encoders.
@@ -152,21 +153,9 @@ def test_bad_settings_name_the_field():
 
 
 def test_resumed_training_equals_uninterrupted(tmp_path):
-  ds = fx.tiny_dataset()
-  mesh = mesh_lib.data_mesh(jax.devices()[:1])
   cfg = fx.tiny_config(**{"method": "mslr", "mslr.keep_memory": 1,
                           "student.epochs": 3,
                           "student.checkpoint_every_steps": 3})
-  straight, resumed = str(tmp_path / "a"), str(tmp_path / "b")
-  student_lib.train_student(cfg, ds, straight, mesh)
   # Killed mid-epoch 2 (the ratio of epoch 2 is in the checkpoint) and at
   # the end of epoch 1 (the hook of epoch 2 reruns).
-  with pytest.raises(trainer.Interrupted):
-    student_lib.train_student(cfg, ds, resumed, mesh, stop_after_steps=9)
-  with pytest.raises(trainer.Interrupted):
-    student_lib.train_student(cfg, ds, resumed, mesh, stop_after_steps=1)
-  student_lib.train_student(cfg, ds, resumed, mesh)
-  wa = jax.device_get(student_lib.load_student(cfg, ds, straight, mesh)[1])
-  wb = jax.device_get(student_lib.load_student(cfg, ds, resumed, mesh)[1])
-  for a, b in zip(jax.tree.leaves(wa), jax.tree.leaves(wb)):
-    np.testing.assert_array_equal(a, b)
+  fx.assert_resume_exact(cfg, fx.tiny_dataset(), tmp_path, stops=(9, 1))

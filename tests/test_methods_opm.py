@@ -11,7 +11,6 @@ import pytest
 
 from g2d_jax.errors import ConfigError
 from g2d_jax.methods import opm
-from g2d_jax.pipeline import loader
 from g2d_jax.pipeline import mesh as mesh_lib
 from g2d_jax.pipeline import steps
 from g2d_jax.pipeline import student as student_lib
@@ -161,10 +160,6 @@ def test_keep_mask_keeps_each_modality_with_probability_one_minus_q():
   np.testing.assert_array_equal(keep["audio"], again["audio"])
 
 
-def first_batch(ds):
-  return next(loader.train_batches(ds.splits["train"], 32, seed=0, epoch=0))
-
-
 @pytest.mark.parametrize("fusion", ["late", "concat"])
 def test_fusing_features_from_params_is_the_models_fusion(fusion):
   ds = fx.tiny_dataset()
@@ -173,22 +168,9 @@ def test_fusing_features_from_params_is_the_models_fusion(fusion):
   s = student_lib.build_student(cfg, ds, mesh)
   params = jax.device_get(s.state.params)
   out, _ = steps.apply_model(s.model, params, s.state.batch_stats,
-                             first_batch(ds)["inputs"], train=False)
+                             fx.first_batch(ds)["inputs"], train=False)
   fused = opm.fuse_features(params, out.features, fusion, MODS)
   np.testing.assert_allclose(fused, out.logits, rtol=1e-5, atol=1e-6)
-
-
-def one_step(cfg, ds, epoch):
-  mesh = mesh_lib.data_mesh(jax.devices()[:1])
-  s = student_lib.build_student(cfg, ds, mesh)
-  params0 = jax.device_get(s.state.params)
-  bs0 = jax.device_get(s.state.batch_stats)
-  batch = first_batch(ds)
-  batch["gate"] = s.gate.for_batch(batch, epoch)
-  new, metrics = s.step(s.state, mesh_lib.shard_batch(batch, mesh),
-                        np.int32(epoch), jax.random.key(0))
-  return s.model, params0, bs0, batch, jax.device_get(new.params), {
-      k: float(v) for k, v in metrics["scalars"].items()}
 
 
 def plain_sgd(**overrides):
@@ -206,7 +188,7 @@ def test_training_step_drops_the_dominant_modality():
   does)."""
   ds = fx.tiny_dataset()
   cfg = plain_sgd(**{"opm.q_base": 1.0, "opm.alpha": 0.0, "opm.p_exe": 1.0})
-  model, params0, bs0, batch, new, metrics = one_step(cfg, ds, 0)
+  model, params0, bs0, batch, new, metrics = fx.one_step(cfg, ds, 0)
   out, _ = steps.apply_model(model, params0, bs0, batch["inputs"],
                              train=True, rng=jax.random.key(0))
   uni = {m: np.asarray(out.modality_logits[m]) for m in MODS}
@@ -245,7 +227,7 @@ def test_training_step_drops_the_dominant_modality():
 def test_without_a_drop_the_step_is_plain_fused_cross_entropy(overrides):
   ds = fx.tiny_dataset()
   cfg = plain_sgd(**{"opm.q_base": 1.0, "opm.alpha": 0.0}, **overrides)
-  model, params0, bs0, batch, new, metrics = one_step(cfg, ds, 0)
+  model, params0, bs0, batch, new, metrics = fx.one_step(cfg, ds, 0)
 
   def plain(p):
     out, _ = steps.apply_model(model, p, bs0, batch["inputs"], train=True,

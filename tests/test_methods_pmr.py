@@ -14,7 +14,6 @@ from g2d_jax.pipeline import loader
 from g2d_jax.pipeline import mesh as mesh_lib
 from g2d_jax.pipeline import steps
 from g2d_jax.pipeline import student as student_lib
-from g2d_jax.pipeline import trainer
 from tests import pipeline_fixtures as fx
 
 
@@ -111,21 +110,9 @@ def test_epoch_hook_computes_class_means_in_inference_mode():
 
 
 def test_resumed_training_equals_uninterrupted(tmp_path):
-  ds = fx.tiny_dataset()
-  mesh = mesh_lib.data_mesh(jax.devices()[:1])
   cfg = fx.tiny_config(**{"method": "pmr", "student.epochs": 2,
                           "student.checkpoint_every_steps": 3})
-  straight, resumed = str(tmp_path / "a"), str(tmp_path / "b")
-  student_lib.train_student(cfg, ds, straight, mesh)
   # Stop at step 6 (resume from the epoch-0 checkpoint: the hook reruns),
   # then at step 7 (resume mid-epoch 1 from the step-7 checkpoint: the
   # prototypes come from the checkpoint, the hook does not run).
-  with pytest.raises(trainer.Interrupted):
-    student_lib.train_student(cfg, ds, resumed, mesh, stop_after_steps=6)
-  with pytest.raises(trainer.Interrupted):
-    student_lib.train_student(cfg, ds, resumed, mesh, stop_after_steps=3)
-  student_lib.train_student(cfg, ds, resumed, mesh)
-  wa = jax.device_get(student_lib.load_student(cfg, ds, straight, mesh)[1])
-  wb = jax.device_get(student_lib.load_student(cfg, ds, resumed, mesh)[1])
-  for a, b in zip(jax.tree.leaves(wa), jax.tree.leaves(wb)):
-    np.testing.assert_array_equal(a, b)
+  fx.assert_resume_exact(cfg, fx.tiny_dataset(), tmp_path, stops=(6, 3))

@@ -132,16 +132,22 @@ class StepContext:
   def labels(self) -> Array:
     return self.batch["label"]
 
-  def value_and_grad(self, loss: Callable[[Any, StepContext],
-                                          tuple[Array, Metrics]],
-                     params: Any = None, inputs: Any = None) -> Gradient:
+  def value_and_grad(self, loss: Callable[..., tuple[Array, Metrics]],
+                     params: Any = None, inputs: Any = None, *,
+                     with_params: bool = False) -> Gradient:
     """Forward pass (of the batch's inputs, or `inputs`), `loss(outputs,
-    ctx)` and its gradient w.r.t. params (default: the step's parameters)."""
+    ctx)` and its gradient w.r.t. params (default: the step's parameters).
+
+    With `with_params`, the loss is `loss(outputs, ctx, params)` and sees
+    the parameters being differentiated (a loss that reads weights, e.g.
+    MMCosine's normalised class weights).
+    """
     params = self.params if params is None else params
 
     def fn(p):
       outputs, batch_stats = self.forward(p, inputs)
-      value, metrics = loss(outputs, self)
+      value, metrics = (loss(outputs, self, p) if with_params
+                        else loss(outputs, self))
       return value, (metrics, outputs, batch_stats)
 
     (value, (metrics, outputs, batch_stats)), grads = jax.value_and_grad(
@@ -169,17 +175,22 @@ class StepContext:
 UpdateFn = Callable[[StepContext], StepResult]
 # loss(outputs, ctx) -> (scalar, {name: scalar})
 LossFn = Callable[[Any, StepContext], tuple[Array, Metrics]]
+# loss(outputs, ctx, params) -> (scalar, {name: scalar}): sees the
+# parameters being differentiated.
+ParamsLossFn = Callable[[Any, StepContext, Any], tuple[Array, Metrics]]
 # modulate(grads, outputs, ctx) -> (grads, {name: scalar})
 ModulateFn = Callable[[Any, Any, StepContext], tuple[Any, Metrics]]
 
 
-def standard_update(loss: LossFn, modulate: ModulateFn | None = None
-                    ) -> UpdateFn:
+def standard_update(loss: LossFn | ParamsLossFn,
+                    modulate: ModulateFn | None = None, *,
+                    with_params: bool = False) -> UpdateFn:
   """The update of a method that is a loss plus an optional gradient rule:
-  `grads = d loss`, `grads = modulate(grads)`, one gated optimizer update."""
+  `grads = d loss`, `grads = modulate(grads)`, one gated optimizer update.
+  With `with_params` the loss is `loss(outputs, ctx, params)`."""
 
   def update(ctx: StepContext) -> StepResult:
-    g = ctx.value_and_grad(loss)
+    g = ctx.value_and_grad(loss, with_params=with_params)
     grads, metrics = g.grads, dict(g.metrics)
     if modulate is not None:
       grads, extra = modulate(grads, g.outputs, ctx)

@@ -49,7 +49,6 @@ import jax.numpy as jnp
 import ml_collections
 
 from g2d_jax import confidence
-from g2d_jax import gating
 from g2d_jax import schedule
 from g2d_jax import smp
 from g2d_jax.errors import ConfigError
@@ -106,13 +105,8 @@ def mlb_coefficients(scores: Mapping[str, Array], alpha: float,
   return {m: k[i] for i, m in enumerate(names)}
 
 
-def scale_by_modality(grads, coeffs: Mapping[str, Array],
-                      modalities: Sequence[str]):
-  """Multiplies every gradient labelled modality m by coeffs[m]."""
-  def visit(path, g):
-    m = gating.leaf_modality(path, modalities)
-    return g if m is None else g * jnp.asarray(coeffs[m], g.dtype)
-  return jax.tree_util.tree_map_with_path(visit, grads)
+# Every gradient labelled modality m times coeffs[m].
+scale_by_modality = common.scale_by_modality
 
 
 def build(config: ml_collections.ConfigDict, task: str, *,

@@ -32,8 +32,8 @@ columns]` of [C, sum_m D_m]):
   (the release's `out_a + out_v`), s per modality as released.
 FiLM, gated and cross-attention fusion have no per-modality linear map of
 the raw features onto the classes, so they are refused (an error names the
-fix). The weights are read from the parameters being differentiated (the
-update differentiates its own function of `ctx.forward`), so the loss
+fix). The weights are read from the parameters being differentiated (a
+loss `with_params`, `standard_update(loss, with_params=True)`), so the loss
 trains the encoders and those weights; the bias gets no gradient inside the
 window (only weight decay moves it).
 
@@ -84,8 +84,7 @@ from g2d_jax.errors import ConfigError
 from g2d_jax.methods import common
 from g2d_jax.methods.base import Method
 from g2d_jax.methods.base import MethodSpec
-from g2d_jax.methods.base import StepContext
-from g2d_jax.methods.base import StepResult
+from g2d_jax.methods.base import standard_update
 
 Array = jax.Array
 
@@ -197,31 +196,24 @@ def build(config: ml_collections.ConfigDict, task: str, *,
   window = schedule.method_window(config, "mmcosine")
   scaling = float(c.scaling)
 
-  def update(ctx: StepContext) -> StepResult:
+  def loss(outputs, ctx, p):
+    # Reads the class weights from the parameters being differentiated.
     labels = ctx.labels
     active = window.contains(ctx.epoch)
+    order = tuple(modalities) if modalities else tuple(outputs.features)
+    weights = modality_weights(p, outputs.features, fusion, order)
+    cos_value, per = mmcosine_loss(outputs.features, weights, labels,
+                                   scaling)
+    plain = losses.cross_entropy(outputs.logits, labels)
+    value = jnp.where(active, cos_value, plain)
+    metrics = {"student": value,
+               "mmcosine/active": active.astype(jnp.float32)}
+    for m in order:
+      metrics[f"mmcosine/logit/{m}"] = jax.lax.stop_gradient(
+          true_class_logit(per[m], labels))
+      metrics[f"mmcosine/weight_norm/{m}"] = jax.lax.stop_gradient(
+          jnp.mean(jnp.linalg.norm(weights[m].astype(jnp.float32), axis=0)))
+    return value, metrics
 
-    def fn(p):
-      outputs, batch_stats = ctx.forward(p)
-      order = tuple(modalities) if modalities else tuple(outputs.features)
-      weights = modality_weights(p, outputs.features, fusion, order)
-      cos_value, per = mmcosine_loss(outputs.features, weights, labels,
-                                     scaling)
-      plain = losses.cross_entropy(outputs.logits, labels)
-      value = jnp.where(active, cos_value, plain)
-      metrics = {"student": value,
-                 "mmcosine/active": active.astype(jnp.float32)}
-      for m in order:
-        metrics[f"mmcosine/logit/{m}"] = jax.lax.stop_gradient(
-            true_class_logit(per[m], labels))
-        metrics[f"mmcosine/weight_norm/{m}"] = jax.lax.stop_gradient(
-            jnp.mean(jnp.linalg.norm(weights[m].astype(jnp.float32), axis=0)))
-      return value, (metrics, outputs, batch_stats)
-
-    (value, (metrics, outputs, batch_stats)), grads = jax.value_and_grad(
-        fn, has_aux=True)(ctx.params)
-    params, opt_state = ctx.apply(grads)
-    return StepResult(params, opt_state, batch_stats, value, metrics, outputs,
-                      ctx.method_state)
-
-  return Method("mmcosine", update, MethodSpec(skip_frozen_exact=True))
+  return Method("mmcosine", standard_update(loss, with_params=True),
+                MethodSpec(skip_frozen_exact=True))

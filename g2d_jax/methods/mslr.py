@@ -50,7 +50,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from g2d_jax import gating
 from g2d_jax import schedule
 from g2d_jax.errors import ConfigError
 from g2d_jax.methods import common
@@ -111,17 +110,6 @@ def mslr_state_update(state: dict[str, Array], acc_M: Array, epoch: Array,
           "acc": jnp.where(measured, acc_M, state["acc"])}
 
 
-def scale_encoders(grads, coeffs: dict[str, Array],
-                   modalities: Sequence[str]):
-  """Multiplies the gradient of every encoder leaf of modality m by k_m."""
-  def visit(path, g):
-    m = gating.leaf_modality(path, modalities)
-    if m is None or not gating.is_encoder_leaf(path, m):
-      return g
-    return g * jnp.asarray(coeffs[m], g.dtype)
-  return jax.tree_util.tree_map_with_path(visit, grads)
-
-
 def build(config: ml_collections.ConfigDict, task: str, *,
           modalities: Sequence[str] | None = None, **unused) -> Method:
   del unused
@@ -172,7 +160,8 @@ def build(config: ml_collections.ConfigDict, task: str, *,
     metrics = {f"mslr/coeff/{m}": coeffs[m] for m in order}
     metrics.update({f"mslr/val_acc/{m}": ctx.method_state["acc"][i]
                     for i, m in enumerate(order)})
-    return scale_encoders(grads, coeffs, order), metrics
+    return common.scale_by_modality(grads, coeffs, order,
+                                    encoders_only=True), metrics
 
   return Method("mslr", standard_update(joint.make_loss(config, task),
                                         modulate),

@@ -100,8 +100,7 @@ from g2d_jax.errors import ConfigError
 from g2d_jax.methods import common
 from g2d_jax.methods.base import Method
 from g2d_jax.methods.base import MethodSpec
-from g2d_jax.methods.base import StepContext
-from g2d_jax.methods.base import StepResult
+from g2d_jax.methods.base import standard_update
 
 Array = jax.Array
 
@@ -264,43 +263,36 @@ def build(config: ml_collections.ConfigDict, task: str, *,
   q_base, alpha, p_exe = float(c.q_base), float(c.alpha), float(c.p_exe)
   others = str(c.others)
 
-  def update(ctx: StepContext) -> StepResult:
+  def loss(outputs, ctx, p):
+    # Fuses the masked features with the parameters being differentiated.
     labels = ctx.labels
     active = window.contains(ctx.epoch)
     exe_rng, mask_rng = jax.random.split(jax.random.fold_in(ctx.rng, 0x0B3))
     # The release: `np.random.rand(1) >= 1 - p_exe`.
     execute = active & (jax.random.uniform(exe_rng) >= 1.0 - p_exe)
+    order = tuple(modalities) if modalities else tuple(outputs.features)
+    scores = opm_scores({m: outputs.modality_logits[m] for m in order},
+                        labels)
+    q = opm_drop_probabilities(opm_ratios(scores, others), q_base, alpha)
+    q = {m: jnp.where(active, q[m], 0.0) for m in order}
+    dims = {m: int(outputs.features[m].shape[-1]) for m in order}
+    theta = opm_theta(q, dims)
+    keep = opm_keep_mask(mask_rng, q, labels.shape[0])
+    masked, weight = opm_mask_features(
+        {m: outputs.features[m] for m in order}, keep, theta, execute)
+    # Without a drop the loss is the model's own fused output (the same
+    # numbers as fuse_features(f), which is the exact form of it).
+    logits = jnp.where(execute, fuse_features(p, masked, fusion, order),
+                       outputs.logits)
+    value = weighted_cross_entropy(logits, labels, weight)
+    metrics = {"student": value,
+               "opm/executed": execute.astype(jnp.float32),
+               "opm/theta": theta,
+               "opm/kept": jnp.mean(weight)}
+    for m in order:
+      metrics[f"opm/q/{m}"] = q[m]
+      metrics[f"opm/score/{m}"] = scores[m] / labels.shape[0]
+    return value, metrics
 
-    def fn(p):
-      outputs, batch_stats = ctx.forward(p)
-      order = tuple(modalities) if modalities else tuple(outputs.features)
-      scores = opm_scores({m: outputs.modality_logits[m] for m in order},
-                          labels)
-      q = opm_drop_probabilities(opm_ratios(scores, others), q_base, alpha)
-      q = {m: jnp.where(active, q[m], 0.0) for m in order}
-      dims = {m: int(outputs.features[m].shape[-1]) for m in order}
-      theta = opm_theta(q, dims)
-      keep = opm_keep_mask(mask_rng, q, labels.shape[0])
-      masked, weight = opm_mask_features(
-          {m: outputs.features[m] for m in order}, keep, theta, execute)
-      # Without a drop the loss is the model's own fused output (the same
-      # numbers as fuse_features(f), which is the exact form of it).
-      logits = jnp.where(execute, fuse_features(p, masked, fusion, order),
-                         outputs.logits)
-      value = weighted_cross_entropy(logits, labels, weight)
-      metrics = {"student": value,
-                 "opm/executed": execute.astype(jnp.float32),
-                 "opm/theta": theta,
-                 "opm/kept": jnp.mean(weight)}
-      for m in order:
-        metrics[f"opm/q/{m}"] = q[m]
-        metrics[f"opm/score/{m}"] = scores[m] / labels.shape[0]
-      return value, (metrics, outputs, batch_stats)
-
-    (value, (metrics, outputs, batch_stats)), grads = jax.value_and_grad(
-        fn, has_aux=True)(ctx.params)
-    params, opt_state = ctx.apply(grads)
-    return StepResult(params, opt_state, batch_stats, value, metrics, outputs,
-                      ctx.method_state)
-
-  return Method("opm", update, MethodSpec(skip_frozen_exact=True))
+  return Method("opm", standard_update(loss, with_params=True),
+                MethodSpec(skip_frozen_exact=True))
