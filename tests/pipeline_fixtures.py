@@ -69,6 +69,13 @@ def student(config, dataset, mesh):
   return s.model, s.state
 
 
+def softmax(z):
+  """NumPy softmax over the last axis (for transcriptions of released
+  formulas)."""
+  e = np.exp(z - z.max(-1, keepdims=True))
+  return e / e.sum(-1, keepdims=True)
+
+
 def first_batch(dataset, batch_size=32):
   """The first training batch of epoch 0 (seed 0)."""
   from g2d_jax.pipeline import loader  # pylint: disable=g-import-not-at-top
