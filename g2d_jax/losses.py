@@ -21,12 +21,16 @@ TASKS = ("classification", "regression")
 FEATURE_REDUCTIONS = ("mean", "sum_features")
 
 
+def per_sample_cross_entropy(logits_BxC: Array, labels_B: Array) -> Array:
+  """Softmax cross-entropy of each sample with integer labels, [B]."""
+  logp_BxC = jax.nn.log_softmax(logits_BxC.astype(jnp.float32), axis=-1)
+  return -jnp.take_along_axis(logp_BxC, labels_B[:, None].astype(jnp.int32),
+                              axis=-1)[:, 0]
+
+
 def cross_entropy(logits_BxC: Array, labels_B: Array) -> Array:
   """Mean softmax cross-entropy with integer labels (Eq. 1, classification)."""
-  logp_BxC = jax.nn.log_softmax(logits_BxC.astype(jnp.float32), axis=-1)
-  picked_B = jnp.take_along_axis(logp_BxC, labels_B[:, None].astype(jnp.int32),
-                                 axis=-1)[:, 0]
-  return -jnp.mean(picked_B)
+  return jnp.mean(per_sample_cross_entropy(logits_BxC, labels_B))
 
 
 def regression_prediction(logits: Array) -> Array:

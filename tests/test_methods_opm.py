@@ -15,8 +15,6 @@ from g2d_jax.pipeline import mesh as mesh_lib
 from g2d_jax.pipeline import steps
 from g2d_jax.pipeline import student as student_lib
 from tests import pipeline_fixtures as fx
-from tests.test_pipeline_steps import AUDIO_WEAK
-from tests.test_pipeline_steps import batch_with_teacher
 
 MODS = ("audio", "image")
 
@@ -257,28 +255,3 @@ def test_bad_values_are_refused():
     cfg = fx.tiny_config(**{"method": "opm", f"opm.{field}": value})
     with pytest.raises(ConfigError, match=f"config.opm.{field}"):
       opm.build(cfg, "classification", modalities=MODS)
-
-
-def test_smp_composes():
-  """SMP with audio training alone: the image branch does not move, the
-  audio branch does; one compiled (skipping) pattern."""
-  ds = fx.tiny_dataset()
-  mesh = mesh_lib.data_mesh(jax.devices()[:1])
-  cfg = fx.tiny_config(**{"method": "opm", "smp": True, "opm.p_exe": 1.0})
-  s = student_lib.build_student(cfg, ds, mesh)
-  before = jax.device_get(s.state.params)
-  batch = batch_with_teacher(ds, *AUDIO_WEAK)
-  batch["gate"] = s.gate.for_batch(batch, 0)
-  assert batch["gate"]["pattern"] == 0
-  new, metrics = s.step(s.state, mesh_lib.shard_batch(batch, mesh),
-                        np.int32(0), jax.random.key(0))
-  after = jax.device_get(new.params)
-  assert float(metrics["scalars"]["kappa/image"]) == 0.0
-  assert np.isfinite(float(metrics["scalars"]["loss"]))
-  for a, b in zip(jax.tree.leaves(after["encoders"]["image"]),
-                  jax.tree.leaves(before["encoders"]["image"])):
-    np.testing.assert_array_equal(a, b)
-  assert any(not np.array_equal(a, b) for a, b in zip(
-      jax.tree.leaves(after["encoders"]["audio"]),
-      jax.tree.leaves(before["encoders"]["audio"])))
-  assert s.step.compiled_patterns() == {0: 1}

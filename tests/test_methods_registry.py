@@ -131,6 +131,8 @@ def test_smp_composes_with_every_method(name):
   overrides = {"method": name, "smp": True}
   if name in ("ogm", "ogm_ge"):
     overrides[f"{name}.scope"] = "encoder"  # the tiny image encoder is an MLP
+  if name == "opm":
+    overrides["opm.p_exe"] = 1.0  # the feature drop runs on this step
   cfg = fx.tiny_config(**overrides)
   s = student_lib.build_student(cfg, ds, mesh)
   method, gate, step, state = s.method, s.gate, s.step, s.state

@@ -202,11 +202,8 @@ def agm_scores(mono_logits: Mapping[str, Array],
   ceiling = -math.log(PROB_FLOOR)
   out = {}
   for m, l in mono_logits.items():
-    logp = jax.nn.log_softmax(
-        jax.lax.stop_gradient(l).astype(jnp.float32), axis=-1)
-    picked = jnp.take_along_axis(
-        logp, labels[:, None].astype(jnp.int32), axis=-1)[:, 0]
-    out[m] = jnp.mean(jnp.minimum(-picked, ceiling))
+    nll = losses.per_sample_cross_entropy(jax.lax.stop_gradient(l), labels)
+    out[m] = jnp.mean(jnp.minimum(nll, ceiling))
   return out
 
 

@@ -115,12 +115,6 @@ def pad_inputs(inputs: Mapping[str, Array], keep: str) -> dict[str, Array]:
   return {m: x if m == keep else jnp.zeros_like(x) for m, x in inputs.items()}
 
 
-def per_sample_ce(logits_BxC: Array, labels_B: Array) -> Array:
-  logp = jax.nn.log_softmax(logits_BxC.astype(jnp.float32), axis=-1)
-  return -jnp.take_along_axis(logp, labels_B[:, None].astype(jnp.int32),
-                              axis=-1)[:, 0]
-
-
 def probe_epochs(config: ml_collections.ConfigDict) -> int:
   """The probe period in epochs: the fraction of the run, rounded half up,
   at least 2."""
@@ -176,7 +170,7 @@ def build(config: ml_collections.ConfigDict, task: str, *,
 
   def probe_loss(probe, outputs, labels):
     del probe
-    return per_sample_ce(outputs.logits, labels)
+    return losses.per_sample_cross_entropy(outputs.logits, labels)
 
   def finish(state, results, epoch):
     del epoch

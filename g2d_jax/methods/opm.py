@@ -95,6 +95,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from g2d_jax import confidence
+from g2d_jax import losses
 from g2d_jax import schedule
 from g2d_jax.errors import ConfigError
 from g2d_jax.methods import common
@@ -232,9 +233,7 @@ def fuse_features(params: Mapping[str, Any], features: Mapping[str, Array],
 def weighted_cross_entropy(logits: Array, labels: Array,
                            weight: Array) -> Array:
   """sum_i w_i CE_i / max(sum_i w_i, 1): the mean over the kept samples."""
-  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-  nll = -jnp.take_along_axis(logp, labels[:, None].astype(jnp.int32),
-                             axis=-1)[:, 0]
+  nll = losses.per_sample_cross_entropy(logits, labels)
   return jnp.sum(weight * nll) / jnp.maximum(jnp.sum(weight), 1.0)
 
 

@@ -272,9 +272,7 @@ def boosting_loss(learner_logits_BxC: Array, others_logits_BxC: Array,
     (L_boost, mean_i (w1 - w2 q_i)).
   """
   num_classes = learner_logits_BxC.shape[-1]
-  logp_BxC = jax.nn.log_softmax(learner_logits_BxC.astype(jnp.float32), -1)
-  logp_B = jnp.take_along_axis(
-      logp_BxC, labels_B[:, None].astype(jnp.int32), axis=-1)[:, 0]
+  logp_B = -losses.per_sample_cross_entropy(learner_logits_BxC, labels_B)
   q_B = confidence.true_class_probability(
       jax.lax.stop_gradient(others_logits_BxC.astype(jnp.float32)), labels_B)
   q_B = jnp.where(others_present, q_B, 1.0)
