@@ -281,8 +281,19 @@ class Runner:
     self._lock = threading.Lock()
     self._free_cores = list(range(max(1, parallel)))
     self.done = 0
+    self.ran = 0    # runs trained here, not reused: what the ETA rests on
     self.total = 0
     self.started = time.time()
+
+  def progress(self) -> str:
+    """Elapsed time and an ETA from the runs trained in this invocation
+    (finished runs found on disk cost nothing, so they do not count)."""
+    elapsed = time.time() - self.started
+    text = f"{elapsed / 60:.1f} min so far"
+    if self.ran:
+      eta = elapsed / self.ran * (self.total - self.done)
+      text += f", at most about {eta / 60:.0f} min left"
+    return text
 
   def workdir(self, seed: int) -> str:
     return os.path.join(self.root, f"seed{seed}")
@@ -326,16 +337,16 @@ class Runner:
     """The summary of one (seed, method, trial) run, running it if needed."""
     name = run_name(self.protocol, method, trial)
     path = self.summary_path(seed, name)
-    if not _finished(path, method, seed, setting):
+    reused = _finished(path, method, seed, setting)
+    if not reused:
       self.run(self.command(seed, method, name, setting),
                os.path.join(self.workdir(seed), "logs", f"{name}.log"))
     with self._lock:
       self.done += 1
-      elapsed = time.time() - self.started
-      eta = elapsed / self.done * (self.total - self.done)
+      self.ran += not reused
       print(f"[{self.done}/{self.total}] seed {seed} {method} trial {trial} "
-            f"done; {elapsed / 60:.1f} min so far, about {eta / 60:.1f} min "
-            "left", flush=True)
+            f"{'reused' if reused else 'done'}; {self.progress()}",
+            flush=True)
     with open(path) as f:
       return json.load(f)
 

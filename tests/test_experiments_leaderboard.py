@@ -2,8 +2,6 @@
 its bad-input errors (the runs themselves are exercised by the pipeline
 tests; the leaderboard's own results are in experiments/README.md)."""
 
-import importlib.util
-import os
 
 import numpy as np
 import pytest
@@ -13,10 +11,7 @@ from g2d_jax.errors import ConfigError
 from g2d_jax.pipeline import config as config_lib
 from tests import pipeline_fixtures as fx
 
-_spec = importlib.util.spec_from_file_location(
-    "leaderboard", os.path.join(fx.ROOT, "experiments", "leaderboard.py"))
-lb = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(lb)
+lb = fx.experiment_module("leaderboard")
 
 
 def test_every_training_method_declares_a_valid_grid_of_three_trials():
@@ -110,3 +105,14 @@ def test_step_time_ratios_from_either_benchmark():
   assert lb.step_time_ratios(records) == {"joint": 1.0, "mlb": 0.75}
   with pytest.raises(ConfigError, match="no JAX joint-training step"):
     lb.step_time_ratios({"records": []})
+
+
+def test_progress_eta_rests_on_trained_runs_only():
+  """Runs reused from disk cost nothing: 2 trained of 4 done in 2 min
+  leaves at most 6 more runs at 1 min each."""
+  runner = lb.Runner("c.py", "/nonexistent", "common", (), 1, False, 10)
+  runner.total, runner.done, runner.started = 10, 4, runner.started - 120
+  assert runner.progress().startswith("2.0 min so far")
+  assert "left" not in runner.progress()
+  runner.ran = 2
+  assert runner.progress().endswith("at most about 6 min left")

@@ -107,6 +107,10 @@ def test_invalid_methods_fail_at_construction():
   with pytest.raises(ConfigError, match="fraction"):
     base.Method("m", update, init_state=lambda p, o: {},
                 epoch_hook=base.EpochHook(0.0, hook.accumulate, hook.finish))
+  with pytest.raises(ConfigError, match="reduce 'mean'.*sum.*concat"):
+    base.Method("m", update, init_state=lambda p, o: {},
+                epoch_hook=base.EpochHook(0.1, hook.accumulate, hook.finish,
+                                          reduce="mean"))
   # A method that masks its updates needs the gated student optimizer.
   mla = build("mla")
   with pytest.raises(ConfigError, match="gated student optimizer"):

@@ -300,3 +300,35 @@ def test_missing_modalities_concat_fusion_sees_zero_features():
   concat = np.concatenate([feats[names[0]] * present[names[0]][:, None],
                            feats[names[1]]], -1)
   _assert_close(out.logits, _linear(concat, fc))
+
+
+@pytest.mark.parametrize("fusion", ["late", "concat"])
+def test_feature_scale_multiplies_pooled_units_before_heads_and_fusion(
+    fusion):
+  """AMCo's unit masking: `feature_scale` ([D] shared, or [B, D] per
+  sample) multiplies a modality's pooled features; heads and fusion see the
+  scaled ones, and an unscaled modality is untouched (NumPy)."""
+  model, params, feats, plain = _run(fusion, (6, 5))
+  names = model.modalities
+  rng = np.random.default_rng(2)
+  inputs = {m: rng.normal(size=(B, 3 + i)).astype(np.float32)
+            for i, m in enumerate(names)}
+  variables = host_variables(model, inputs, train=False)
+  units = np.array([1, 0, 1, 1, 0, 1], np.float32)
+  per_sample = rng.integers(0, 2, size=(B, 6)).astype(np.float32)
+  for scale in (units, per_sample):
+    out = model.apply(variables, inputs, train=False,
+                      feature_scale={names[0]: scale})
+    scaled = feats[names[0]] * scale
+    _assert_close(out.features[names[0]], scaled)
+    _assert_close(out.features[names[1]], feats[names[1]])
+    if fusion == "late":
+      heads = [_linear(scaled, params["encoders"][names[0]]["head"]),
+               _linear(feats[names[1]], params["encoders"][names[1]]["head"])]
+      _assert_close(out.logits, np.mean(heads, axis=0))
+    else:
+      concat = np.concatenate([scaled, feats[names[1]]], -1)
+      _assert_close(out.logits, _linear(concat, params["fusion"]["fc_out"]))
+  ones = model.apply(variables, inputs, train=False,
+                     feature_scale={names[0]: np.ones(6, np.float32)})
+  _assert_close(ones.logits, np.asarray(plain.logits, np.float64))

@@ -164,3 +164,51 @@ def test_rerun_skips_finished_stages_and_summary(trained, tmp_path):
   ens = on_disk["teacher_ensemble"]
   assert ens["temperature"] > 0 and 0.0 <= ens["test_ece_calibrated"] <= 1.0
   assert on_disk["schedule"]["smp"]["taus"] == [1]
+
+
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_concat_epoch_hook_hands_finish_every_row_in_order(split):
+  """`EpochHook(reduce="concat")` on 4 devices: `finish` gets the rows of
+  the visited batches concatenated in loader order (the val split's last
+  batch padded, its padding rows masked), features equal to a plain
+  inference pass."""
+  import dataclasses  # pylint: disable=g-import-not-at-top
+  from g2d_jax import methods  # pylint: disable=g-import-not-at-top
+  from g2d_jax.pipeline import loader  # pylint: disable=g-import-not-at-top
+  from g2d_jax.pipeline import steps  # pylint: disable=g-import-not-at-top
+  ds = fx.tiny_dataset(n_val=72)   # val: 3 batches of 32, the last padded
+  mesh = mesh4()
+  cfg = fx.tiny_config(method="pmr")
+  s = student.build_student(cfg, ds, mesh)
+
+  def accumulate(out, batch):
+    return {"index": batch["index"], "mask": batch["mask"],
+            "audio": out.features["audio"]}
+
+  hook = methods.EpochHook(1.0 if split == "val" else 0.5, accumulate,
+                           lambda state, rows, epoch: rows, split=split,
+                           reduce="concat")
+  s = dataclasses.replace(s, method=dataclasses.replace(s.method,
+                                                        epoch_hook=hook))
+  run = student.make_epoch_hook(s, ds.splits["train"], 32, cfg.seed, mesh,
+                                val=ds.splits["val"])
+  rows = jax.device_get(run(s.state, 1).method_state)
+  if split == "val":
+    want = list(loader.eval_batches(ds.splits["val"], 32))
+  else:  # 4 batches per epoch, half of them
+    want = [b for _, b in zip(range(2), loader.train_batches(
+        ds.splits["train"], 32, seed=cfg.seed, epoch=1))]
+  assert rows["audio"].shape == (32 * len(want), 8)
+  state = jax.device_get(s.state)
+  for j, b in enumerate(want):
+    got = slice(32 * j, 32 * (j + 1))
+    np.testing.assert_array_equal(rows["index"][got], b["index"])
+    np.testing.assert_array_equal(rows["mask"][got], b.get(
+        "mask", np.ones(32, bool)))
+    out, _ = steps.apply_model(s.model, state.params, state.batch_stats,
+                               b["inputs"], train=False)
+    np.testing.assert_allclose(rows["audio"][got],
+                               np.asarray(out.features["audio"]), rtol=1e-5,
+                               atol=1e-6)
+  if split == "val":
+    assert int(rows["mask"].sum()) == 72

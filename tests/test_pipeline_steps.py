@@ -182,3 +182,51 @@ def test_freeze_scope_and_frozen_batch_statistics(scope, stats):
   stats_moved = moved(fast.batch_stats["encoders"]["image"],
                       init.batch_stats["encoders"]["image"])
   assert stats_moved == (stats == "update")
+
+
+def test_train_mode_feature_scale_cuts_a_modality_out_of_the_gradient():
+  """`apply_model(train=True, feature_scale=...)` (what `ctx.forward`
+  passes on): zeroing every pooled unit of audio leaves the loss blind to
+  the audio encoder and head kernel (zero gradient; the late-fusion head's
+  bias still counts) but not to the image encoder, while
+  audio's BatchNorm statistics still move (the encoder still ran); a scale
+  of ones is the plain pass."""
+  from g2d_jax import losses  # pylint: disable=g-import-not-at-top
+  from g2d_jax.pipeline import steps  # pylint: disable=g-import-not-at-top
+  ds = fx.tiny_dataset()
+  mesh = mesh_lib.data_mesh(jax.devices()[:1])
+  s = student_lib.build_student(fx.tiny_config(method="joint"), ds, mesh)
+  batch = fx.first_batch(ds)
+  params, stats = jax.device_get(s.state.params), s.state.batch_stats
+  dim = jax.eval_shape(lambda: steps.apply_model(
+      s.model, params, stats, batch["inputs"], train=False)[0]
+      ).features["audio"].shape[-1]
+
+  def grads(scale):
+    def fn(p):
+      out, new = steps.apply_model(s.model, p, stats, batch["inputs"],
+                                   train=True, feature_scale=scale)
+      return losses.cross_entropy(out.logits, batch["label"]), (out, new)
+    return jax.grad(fn, has_aux=True)(params)
+
+  g0, (out0, new0) = grads({"audio": np.zeros(dim, np.float32)})
+  g1, (out1, _) = grads({"audio": np.ones(dim, np.float32)})
+  gp, (outp, _) = grads(None)
+  audio = dict(g0["encoders"]["audio"])
+  head = audio.pop("head")
+  assert sorted(audio) and all(float(np.max(np.abs(a))) == 0.0
+                               for a in jax.tree.leaves(audio))
+  assert float(np.max(np.abs(head["kernel"]))) == 0.0
+  assert float(np.max(np.abs(head["bias"]))) > 0
+  assert max(float(np.max(np.abs(a))) for a in
+             jax.tree.leaves(g0["encoders"]["image"])) > 0
+  np.testing.assert_array_equal(np.asarray(out0.features["audio"]), 0.0)
+  moved = [float(np.max(np.abs(np.asarray(a) - np.asarray(b)))) for a, b in
+           zip(jax.tree.leaves(new0["encoders"]["audio"]),
+               jax.tree.leaves(stats["encoders"]["audio"]))]
+  assert max(moved) > 0
+  np.testing.assert_allclose(np.asarray(out1.logits), np.asarray(outp.logits),
+                             rtol=1e-6, atol=1e-6)
+  for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(gp)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5,
+                               atol=1e-6)

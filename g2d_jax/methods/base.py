@@ -90,11 +90,14 @@ class StepContext:
     opt_state: the optimizer state at the start of the step.
     batch_stats: the BatchNorm statistics at the start of the step.
     method_state: the method's state (None without `init_state`).
-    forward: `forward(params, inputs=None, *, train=True) -> (outputs, new
-      batch_stats)`, the train-mode forward pass of the batch's inputs, or
-      of `inputs` ({m: [B, ...]}, e.g. with a modality zeroed) when given;
-      `train=False` is the inference-mode pass (BatchNorm running
-      statistics, no dropout), still differentiable. SMP-frozen branches
+    forward: `forward(params, inputs=None, *, train=True,
+      feature_scale=None) -> (outputs, new batch_stats)`, the train-mode
+      forward pass of the batch's inputs, or of `inputs` ({m: [B, ...]},
+      e.g. with a modality zeroed) when given; `train=False` is the
+      inference-mode pass (BatchNorm running statistics, no dropout), still
+      differentiable; `feature_scale` ({m: [D] or [B, D]}) multiplies a
+      modality's pooled features before its head and the fusion (AMCo's
+      masked units). SMP-frozen branches
       sit behind `stop_gradient` when the step is specialised to a gating
       pattern. Every pass starts from the step's BatchNorm statistics; the
       method returns the ones it keeps.
@@ -134,9 +137,11 @@ class StepContext:
 
   def value_and_grad(self, loss: Callable[..., tuple[Array, Metrics]],
                      params: Any = None, inputs: Any = None, *,
-                     with_params: bool = False) -> Gradient:
-    """Forward pass (of the batch's inputs, or `inputs`), `loss(outputs,
-    ctx)` and its gradient w.r.t. params (default: the step's parameters).
+                     with_params: bool = False,
+                     feature_scale: Any = None) -> Gradient:
+    """Forward pass (of the batch's inputs, or `inputs`; features scaled by
+    `feature_scale`, see `forward`), `loss(outputs, ctx)` and its gradient
+    w.r.t. params (default: the step's parameters).
 
     With `with_params`, the loss is `loss(outputs, ctx, params)` and sees
     the parameters being differentiated (a loss that reads weights, e.g.
@@ -145,7 +150,9 @@ class StepContext:
     params = self.params if params is None else params
 
     def fn(p):
-      outputs, batch_stats = self.forward(p, inputs)
+      kwargs = {} if feature_scale is None else {
+          "feature_scale": feature_scale}
+      outputs, batch_stats = self.forward(p, inputs, **kwargs)
       value, metrics = (loss(outputs, self, p) if with_params
                         else loss(outputs, self))
       return value, (metrics, outputs, batch_stats)
@@ -244,6 +251,7 @@ class MethodSpec:
 
 
 HOOK_SPLITS = ("train", "val")
+HOOK_REDUCTIONS = ("sum", "concat")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -251,7 +259,9 @@ class EpochHook:
   """Host-side work at the start of every epoch (before its first step).
 
   The pipeline runs the model in inference mode over batches of `split`,
-  sums `accumulate` over them, and stores `finish` in the method state:
+  sums `accumulate` over them (or, with `reduce="concat"`, concatenates
+  them along the first axis: per-sample features for a clustering or a
+  per-sample score), and stores `finish` in the method state:
   for "train", the first `max(1, floor(fraction * steps_per_epoch))`
   batches the epoch is about to train on (PMR's prototypes); for "val",
   the first `max(1, floor(fraction * val batches))` batches of the
@@ -264,14 +274,18 @@ class EpochHook:
   Attributes:
     fraction: share of the split's batches to visit.
     accumulate: (model outputs, batch) -> {name: array}, additive over
-      batches (jitted).
-    finish: (method_state, sums, epoch) -> method_state (jitted).
+      batches, or per-sample rows [B, ...] with `reduce="concat"` (jitted).
+    finish: (method_state, sums, epoch) -> method_state (jitted); with
+      `reduce="concat"` it gets the rows of every visited batch, [N, ...]
+      with N = batches x batch size, padding rows included (keep `mask`).
     split: "train" or "val".
+    reduce: "sum" or "concat".
   """
   fraction: float
   accumulate: Callable[[Any, Batch], dict[str, Array]]
   finish: Callable[[Any, dict[str, Array], Array], Any]
   split: str = "train"
+  reduce: str = "sum"
 
   def num_batches(self, steps_per_epoch: int) -> int:
     return max(1, int(self.fraction * steps_per_epoch + 1e-9))
@@ -364,6 +378,9 @@ class Method:
       if hook.split not in HOOK_SPLITS:
         raise ConfigError(f"{where}: the epoch hook's split {hook.split!r} "
                           f"is not one of {HOOK_SPLITS}.")
+      if hook.reduce not in HOOK_REDUCTIONS:
+        raise ConfigError(f"{where}: the epoch hook's reduce "
+                          f"{hook.reduce!r} is not one of {HOOK_REDUCTIONS}.")
       if not 0.0 < hook.fraction <= 1.0:
         raise ConfigError(f"{where}: the epoch hook's fraction "
                           f"{hook.fraction} must be in (0, 1].")

@@ -90,16 +90,21 @@ class ModalityBranch(nn.Module):
   def __call__(self, x: jax.Array, *, train: bool,
                proj_features: int | None = None,
                mask: jax.Array | None = None,
-               present: jax.Array | None = None) -> BranchOutput:
+               present: jax.Array | None = None,
+               feature_scale: jax.Array | None = None) -> BranchOutput:
     """Encodes x; `proj_features` is the common width (None: own size).
 
     `present` ([B] 0/1) zeroes the features of samples whose modality is
-    missing, before the head and projection see them.
+    missing, before the head and projection see them; `feature_scale`
+    ([D] or [B, D]) multiplies the pooled features unit by unit, also
+    before them (AMCo's unit masking).
     """
     kwargs = {} if mask is None else {"mask": mask}
     features = self.backbone(x, train=train, **kwargs)
     if present is not None:
       features = features * present.astype(features.dtype)[:, None]
+    if feature_scale is not None:
+      features = features * feature_scale.astype(features.dtype)
     head_logits = head_kernel = head_bias = None
     if self.head_features is not None:
       head = inits.dense(self.head_features, name="head")
@@ -128,7 +133,8 @@ class _Encoders(nn.Module):
 
   def __call__(self, inputs: Mapping[str, jax.Array], *, train: bool,
                masks: Mapping[str, jax.Array],
-               present: Mapping[str, jax.Array] | None = None
+               present: Mapping[str, jax.Array] | None = None,
+               feature_scale: Mapping[str, jax.Array] | None = None
                ) -> dict[str, BranchOutput]:
     """Runs the branches in modality order; {m: BranchOutput}."""
     outs = {}
@@ -139,7 +145,8 @@ class _Encoders(nn.Module):
                         f"{sorted(inputs)}.")
       outs[m] = self.branches[m](
           inputs[m], train=train, proj_features=width, mask=masks.get(m),
-          present=None if present is None else present[m])
+          present=None if present is None else present[m],
+          feature_scale=(feature_scale or {}).get(m))
       # Without an explicit width, the first modality's features set it.
       if width is None:
         width = outs[m].features.shape[-1]
@@ -199,13 +206,17 @@ class MultimodalModel(nn.Module):
   @nn.compact
   def __call__(self, inputs: Mapping[str, jax.Array], *, train: bool,
                masks: Mapping[str, jax.Array] | None = None,
-               present: Mapping[str, jax.Array] | None = None
+               present: Mapping[str, jax.Array] | None = None,
+               feature_scale: Mapping[str, jax.Array] | None = None
                ) -> MultimodalOutput:
     """Runs every encoder and the fusion; see `MultimodalOutput`.
 
     `present` ({m: [B] 0/1}) simulates missing modalities (paper Table 11):
     a missing modality's pooled features are replaced by zeros, and late
-    fusion averages only the present modalities' logits.
+    fusion averages only the present modalities' logits. `feature_scale`
+    ({m: [D] or [B, D]}, any subset of the modalities) multiplies pooled
+    feature units before the heads and the fusion see them; the reported
+    `features` are the scaled ones.
     """
     fusion_cls = fusion_class(self.fusion)
     spec = fusion_cls.branch_spec
@@ -220,7 +231,7 @@ class MultimodalModel(nn.Module):
     outs = _Encoders(branches=branches, modalities=self.modalities,
                      proj_features=options.get("dim"), name="encoders")(
                          inputs, train=train, masks=masks or {},
-                         present=present)
+                         present=present, feature_scale=feature_scale)
     fusion_args = ({"present": present} if present is not None and
                    getattr(fusion_cls, "handles_missing", False) else {})
     logits, modality_logits = fusion_cls(

@@ -82,21 +82,25 @@ def init_variables(model: nn.Module, inputs: Any, seed: int) -> tuple[Any, Any]:
 
 def apply_model(model: nn.Module, params: Any, batch_stats: Any, inputs: Any,
                 *, train: bool, rng: Array | None = None,
-                present: Any = None) -> tuple[Any, Any]:
+                present: Any = None, feature_scale: Any = None
+                ) -> tuple[Any, Any]:
   """Runs the model; in train mode also returns the new BatchNorm statistics.
 
-  `present` ({m: [B] 0/1}, inference only) marks missing modalities (see
+  `present` ({m: [B] 0/1}, inference only) marks missing modalities and
+  `feature_scale` ({m: [D] or [B, D]}) multiplies pooled features (see
   `models.MultimodalModel`).
   """
   variables = {"params": params}
   if batch_stats:
     variables["batch_stats"] = batch_stats
+  kwargs = {} if feature_scale is None else {"feature_scale": feature_scale}
   if not train:
-    kwargs = {} if present is None else {"present": present}
+    if present is not None:
+      kwargs["present"] = present
     return model.apply(variables, inputs, train=False, **kwargs), batch_stats
   rngs = {"dropout": rng} if rng is not None else {}
   out, mutated = model.apply(variables, inputs, train=True,
-                             mutable=["batch_stats"], rngs=rngs)
+                             mutable=["batch_stats"], rngs=rngs, **kwargs)
   return out, mutated.get("batch_stats", batch_stats)
 
 
@@ -181,7 +185,7 @@ class TrainStep:
         scalars.update({f"confidence/{m}": v for m, v in
                         batch["gate"]["confidence"].items()})
 
-      def forward(params, inputs=None, *, train=True):
+      def forward(params, inputs=None, *, train=True, feature_scale=None):
         # stop_gradient must act inside the differentiated function: on the
         # parameters `value_and_grad` differentiates, not on its argument.
         if frozen:
@@ -189,7 +193,8 @@ class TrainStep:
                                 gate.scope)
         return apply_model(model, params, state.batch_stats,
                            batch["inputs"] if inputs is None else inputs,
-                           train=train, rng=rng if train else None)
+                           train=train, rng=rng if train else None,
+                           feature_scale=feature_scale)
 
       def optimizer_update(grads, params, opt_state, mask):
         if mask is not None and kappa is None:

@@ -170,7 +170,8 @@ def make_epoch_hook(student: Student, train: Any, batch_size: int, seed: int,
   """`hook(state, epoch) -> state` running the method's `epoch_hook`: an
   inference-mode pass over the first batches of the epoch (the ones it is
   about to train on) or of the validation split `val` (the hook's `split`),
-  whose summed statistics update the method state; or, for a `ProbeHook`,
+  whose summed (or concatenated, `reduce="concat"`) statistics update the
+  method state; or, for a `ProbeHook`,
   its probe trainings (`make_probe_hook`) with the optimizer `probe_tx`
   (`probe_optimizer`)."""
   hook, model = student.method.epoch_hook, student.model
@@ -208,12 +209,17 @@ def make_epoch_hook(student: Student, train: Any, batch_size: int, seed: int,
   finish = jax.jit(hook.finish)
 
   def run(state: steps.TrainState, epoch: int) -> steps.TrainState:
-    sums = None
+    reduced, rows = None, []
     for _, batch in zip(range(n), batches(epoch)):
       s = accumulate(state.params, state.batch_stats,
                      mesh_lib.shard_batch(batch, mesh))
-      sums = s if sums is None else jax.tree.map(jnp.add, sums, s)
-    new = finish(state.method_state, sums, np.int32(epoch))
+      if hook.reduce == "concat":
+        rows.append(s)
+      else:
+        reduced = s if reduced is None else jax.tree.map(jnp.add, reduced, s)
+    if hook.reduce == "concat":
+      reduced = jax.tree.map(lambda *xs: jnp.concatenate(xs, 0), *rows)
+    new = finish(state.method_state, reduced, np.int32(epoch))
     return state.replace(method_state=mesh_lib.replicate(new, mesh))
 
   return run
