@@ -137,6 +137,16 @@ def config_module(name):
   return module
 
 
+def experiment_module(name):
+  """experiments/<name>.py, imported once per process (the scripts define
+  absl flags, and `teacher_strength` imports `leaderboard`)."""
+  import sys  # pylint: disable=g-import-not-at-top
+  folder = os.path.join(ROOT, "experiments")
+  if folder not in sys.path:
+    sys.path.insert(0, folder)
+  return importlib.import_module(name)
+
+
 def abstract_outputs(config, dataset, n=2):
   """Shapes of the config's student outputs on n of the dataset's samples
   (nothing is computed)."""
