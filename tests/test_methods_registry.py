@@ -20,7 +20,8 @@ from tests.test_pipeline_steps import batch_with_teacher
 
 TRAINED = ("joint", "umt", "ogm", "ogm_ge", "mlb", "mmpareto", "mla", "pmr",
            "mslr", "mmcosine", "opm", "agm", "reconboost", "greedy",
-           "gblending", "g2d")
+           "gblending", "inforeg", "relearning", "valuation", "mbsd", "cml",
+           "lfm", "amco", "g2d")
 
 
 def test_every_method_has_its_sub_config_and_the_smp_default():
@@ -68,7 +69,7 @@ def test_specs():
   built = {n: build(n) for n in TRAINED}
   assert {n for n, m in built.items() if m.spec.skip_frozen_exact} == {
       "joint", "umt", "pmr", "mmcosine", "opm", "reconboost", "gblending",
-      "g2d"}
+      "relearning", "valuation", "mbsd", "cml", "amco", "g2d"}
   assert {n: m.spec.updates_per_step for n, m in built.items()
           if m.spec.updates_per_step != 1} == {"mla": 2}
   assert {n: m.spec.heads.kind for n, m in built.items() if m.spec.heads} == {
@@ -81,9 +82,13 @@ def test_specs():
       "mla", "reconboost"]
   assert {n: getattr(m.epoch_hook, "split", "probe") for n, m in built.items()
           if m.epoch_hook} == {"pmr": "train", "mslr": "val",
-                               "gblending": "probe"}
+                               "gblending": "probe", "relearning": "val"}
+  assert {n for n, m in built.items()
+          if getattr(m.epoch_hook, "reduce", "sum") == "concat"} == {
+              "relearning"}
   assert {n for n, m in built.items() if m.init_state} == {
-      "mla", "pmr", "mslr", "agm", "greedy", "gblending"}
+      "mla", "pmr", "mslr", "agm", "greedy", "gblending", "inforeg",
+      "relearning", "lfm", "amco"}
 
 
 def test_ume_is_selectable_but_builds_no_method():
@@ -122,7 +127,7 @@ def test_invalid_methods_fail_at_construction():
 
 # Loss-only methods (joint, umt, g2d, gblending) compose through the same
 # path as G2D, which tests/test_pipeline_steps.py covers; these are the ones
-# with hooks.
+# with hooks. The third wave's modules each test SMP in their own files.
 @pytest.mark.parametrize("name", ["ogm_ge", "mlb", "mmpareto", "mla", "pmr",
                                   "mslr", "mmcosine", "opm", "agm",
                                   "reconboost", "greedy"])

@@ -22,6 +22,19 @@ the defaults of its released code, commented with their source) and
   greedy     conditional learning speeds; re-balancing steps for the slower
              modality (two modalities)
   gblending  unimodal + fused losses weighted by probe-measured OGR
+  inforeg    multi-loss; a proximal pull on the leading modality while its
+             gradient information still rises (the prime learning window)
+  relearning encoders softly re-initialised by their k-means purity gap
+             between the training and the validation split
+  valuation  per-sample Shapley values; extra unimodal losses for samples a
+             modality contributes little to
+  mbsd       multi-loss + KL and response similarity between modalities,
+             weighted by their true-class confidence gap
+  cml        calibration: confidence with fewer modalities must not exceed
+             confidence with more (hinge), over modality-dropped predictions
+  lfm        CE and an alignment of the modalities' predictions, weighted by
+             a hypergradient-learned alpha
+  amco       sine-ramped masking of the dependent modality's feature units
   g2d        G2D loss (+ SMP by default)
 
 and one evaluation that trains nothing, selectable by the same name:
@@ -82,6 +95,13 @@ _MODULES = {
     "reconboost": "g2d_jax.methods.reconboost",
     "greedy": "g2d_jax.methods.greedy",
     "gblending": "g2d_jax.methods.gblending",
+    "cml": "g2d_jax.methods.cml",
+    "inforeg": "g2d_jax.methods.inforeg",
+    "mbsd": "g2d_jax.methods.mbsd",
+    "lfm": "g2d_jax.methods.lfm",
+    "amco": "g2d_jax.methods.amco",
+    "valuation": "g2d_jax.methods.valuation",
+    "relearning": "g2d_jax.methods.relearning",
     "g2d": "g2d_jax.methods.g2d",
 }
 
