@@ -16,8 +16,6 @@ from g2d_jax.pipeline import mesh as mesh_lib
 from g2d_jax.pipeline import steps
 from g2d_jax.pipeline import student as student_lib
 from tests import pipeline_fixtures as fx
-from tests.test_pipeline_steps import AUDIO_WEAK
-from tests.test_pipeline_steps import batch_with_teacher
 
 MODS = ("audio", "image")
 LR = 0.05  # tiny_config's student learning rate
@@ -322,27 +320,3 @@ def test_training_steps_follow_the_ramp_and_mask_the_dependent_modality():
       np.testing.assert_array_equal(new["scale"][m], np.ones(units[m]))
       assert int(new["flags"][m]) == 0
       assert metrics[f"amco/dependent/{m}"] == 0.0
-
-
-def test_smp_composes():
-  """With SMP (audio trains alone) the image branch does not move, and the
-  step runs the frozen-branch-skipping pattern (a loss alone)."""
-  ds = fx.tiny_dataset()
-  mesh = mesh_lib.data_mesh(jax.devices()[:1])
-  s = student_lib.build_student(fx.tiny_config(method="amco", smp=True), ds,
-                                mesh)
-  batch = batch_with_teacher(ds, *AUDIO_WEAK)
-  batch["gate"] = s.gate.for_batch(batch, 0)
-  assert batch["gate"]["pattern"] == 0
-  before = jax.device_get(s.state.params)
-  new, metrics = s.step(s.state, mesh_lib.shard_batch(batch, mesh),
-                        np.int32(0), jax.random.key(0))
-  after = jax.device_get(new.params)
-  assert float(metrics["scalars"]["kappa/image"]) == 0.0
-  for a, b in zip(jax.tree.leaves(after["encoders"]["image"]),
-                  jax.tree.leaves(before["encoders"]["image"])):
-    np.testing.assert_array_equal(a, b)
-  assert any(not np.array_equal(a, b) for a, b in zip(
-      jax.tree.leaves(after["encoders"]["audio"]),
-      jax.tree.leaves(before["encoders"]["audio"])))
-  assert s.step.compiled_patterns() == {0: 1}

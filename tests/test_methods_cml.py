@@ -15,12 +15,8 @@ from g2d_jax.errors import ConfigError
 from g2d_jax.methods import cml
 from g2d_jax.methods.base import StepContext
 from g2d_jax.pipeline import build as build_lib
-from g2d_jax.pipeline import mesh as mesh_lib
 from g2d_jax.pipeline import steps
-from g2d_jax.pipeline import student as student_lib
 from tests import pipeline_fixtures as fx
-from tests.test_pipeline_steps import AUDIO_WEAK
-from tests.test_pipeline_steps import batch_with_teacher
 
 MODS = ("audio", "image")
 softmax = fx.softmax
@@ -311,28 +307,3 @@ def test_bad_configs_are_refused():
                 "classification", modalities=MODS)
   with pytest.raises(ConfigError, match="fusions"):
     cml.feature_contributions({}, {}, "film", MODS)
-
-
-def test_smp_composes():
-  """SMP with audio training alone: the image branch does not move, the
-  audio branch does; one compiled (skipping) pattern."""
-  ds = fx.tiny_dataset()
-  mesh = mesh_lib.data_mesh(jax.devices()[:1])
-  cfg = fx.tiny_config(**{"method": "cml", "smp": True})
-  s = student_lib.build_student(cfg, ds, mesh)
-  before = jax.device_get(s.state.params)
-  batch = batch_with_teacher(ds, *AUDIO_WEAK)
-  batch["gate"] = s.gate.for_batch(batch, 0)
-  assert batch["gate"]["pattern"] == 0
-  new, metrics = s.step(s.state, mesh_lib.shard_batch(batch, mesh),
-                        np.int32(0), jax.random.key(0))
-  after = jax.device_get(new.params)
-  assert float(metrics["scalars"]["kappa/image"]) == 0.0
-  assert float(metrics["scalars"]["cml/active"]) == 1.0
-  for a, b in zip(jax.tree.leaves(after["encoders"]["image"]),
-                  jax.tree.leaves(before["encoders"]["image"])):
-    np.testing.assert_array_equal(a, b)
-  assert any(not np.array_equal(a, b) for a, b in zip(
-      jax.tree.leaves(after["encoders"]["audio"]),
-      jax.tree.leaves(before["encoders"]["audio"])))
-  assert s.step.compiled_patterns() == {0: 1}

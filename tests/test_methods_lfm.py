@@ -17,8 +17,6 @@ from g2d_jax.pipeline import mesh as mesh_lib
 from g2d_jax.pipeline import steps
 from g2d_jax.pipeline import student as student_lib
 from tests import pipeline_fixtures as fx
-from tests.test_pipeline_steps import AUDIO_WEAK
-from tests.test_pipeline_steps import batch_with_teacher
 
 softmax = fx.softmax
 
@@ -305,27 +303,6 @@ def test_steps_update_the_weight_from_the_probe_at_epoch_starts_only():
             jax.tree.leaves(p0["encoders"][m])))
   assert seen[1] == seen[0] and seen[2] == seen[0]   # same epoch: kept
   assert seen[3] != seen[2] and seen[4] == seen[3]   # epoch 1: updated once
-
-
-def test_smp_composes():
-  """With SMP (audio trains alone) the image branch does not move."""
-  ds = fx.tiny_dataset()
-  mesh = mesh_lib.data_mesh(jax.devices()[:1])
-  s = student_lib.build_student(fx.tiny_config(method="lfm", smp=True), ds,
-                                mesh)
-  before = jax.device_get(s.state.params)
-  batch = batch_with_teacher(ds, *AUDIO_WEAK)
-  batch["gate"] = s.gate.for_batch(batch, 0)
-  new, metrics = s.step(s.state, mesh_lib.shard_batch(batch, mesh),
-                        np.int32(0), jax.random.key(0))
-  after = jax.device_get(new.params)
-  assert float(metrics["scalars"]["kappa/image"]) == 0.0
-  for a, b in zip(jax.tree.leaves(after["encoders"]["image"]),
-                  jax.tree.leaves(before["encoders"]["image"])):
-    np.testing.assert_array_equal(a, b)
-  assert any(not np.array_equal(a, b) for a, b in zip(
-      jax.tree.leaves(after["encoders"]["audio"]),
-      jax.tree.leaves(before["encoders"]["audio"])))
 
 
 @pytest.mark.parametrize("override,match", [

@@ -127,10 +127,12 @@ def test_invalid_methods_fail_at_construction():
 
 # Loss-only methods (joint, umt, g2d, gblending) compose through the same
 # path as G2D, which tests/test_pipeline_steps.py covers; these are the ones
-# with hooks. The third wave's modules each test SMP in their own files.
+# with hooks, state or extra passes (InfoReg's and Re-learning's own files
+# test theirs with their method state).
 @pytest.mark.parametrize("name", ["ogm_ge", "mlb", "mmpareto", "mla", "pmr",
                                   "mslr", "mmcosine", "opm", "agm",
-                                  "reconboost", "greedy"])
+                                  "reconboost", "greedy", "valuation", "cml",
+                                  "lfm", "amco"])
 def test_smp_composes_with_every_method(name):
   """One step with SMP (audio trains alone): the image branch, including a
   method's own image head, does not move; the step compiles once, as the
@@ -142,6 +144,8 @@ def test_smp_composes_with_every_method(name):
     overrides[f"{name}.scope"] = "encoder"  # the tiny image encoder is an MLP
   if name == "opm":
     overrides["opm.p_exe"] = 1.0  # the feature drop runs on this step
+  if name == "valuation":
+    overrides["valuation.window.start"] = 0.0  # the extra losses run
   cfg = fx.tiny_config(**overrides)
   s = student_lib.build_student(cfg, ds, mesh)
   method, gate, step, state = s.method, s.gate, s.step, s.state

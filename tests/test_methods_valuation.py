@@ -17,13 +17,8 @@ from g2d_jax.data import base
 from g2d_jax.errors import ConfigError
 from g2d_jax.methods import agm
 from g2d_jax.methods import valuation
-from g2d_jax.pipeline import loader
-from g2d_jax.pipeline import mesh as mesh_lib
 from g2d_jax.pipeline import steps
-from g2d_jax.pipeline import student as student_lib
 from tests import pipeline_fixtures as fx
-from tests.test_pipeline_steps import AUDIO_WEAK
-from tests.test_pipeline_steps import batch_with_teacher
 
 MODS = ("audio", "image")
 PAIR = ("audio", "image")
@@ -389,32 +384,3 @@ def test_three_modalities_value_with_the_general_shapley_weights():
   for j, m in enumerate(order):
     want = want + copies[:, j] * ce(late_logits(tml, biases, (m,), order))
   assert sc["loss"] == pytest.approx(want.mean(), rel=1e-5)
-
-
-def test_smp_composes():
-  """One step with SMP (audio trains alone), copies active: the image
-  branch does not move, the audio one does, and the step is the one
-  specialised to the gating pattern (frozen backward skipped)."""
-  ds = fx.tiny_dataset()
-  mesh = mesh_lib.data_mesh(jax.devices()[:1])
-  cfg = fx.tiny_config(**{"method": "valuation", "smp": True,
-                          "valuation.window.start": 0.0})
-  s = student_lib.build_student(cfg, ds, mesh)
-  before = jax.device_get(s.state.params)
-  batch = batch_with_teacher(ds, *AUDIO_WEAK)
-  batch["gate"] = s.gate.for_batch(batch, 0)
-  assert batch["gate"]["pattern"] == 0
-  new, metrics = s.step(s.state, mesh_lib.shard_batch(batch, mesh),
-                        np.int32(0), jax.random.key(0))
-  sc = metrics["scalars"]
-  after = jax.device_get(new.params)
-  assert float(sc["kappa/image"]) == 0.0
-  assert float(sc["valuation/extra"]) > 0.0
-  for a, b in zip(jax.tree.leaves(after["encoders"]["image"]),
-                  jax.tree.leaves(before["encoders"]["image"])):
-    np.testing.assert_array_equal(a, b)
-  assert any(not np.array_equal(a, b) for a, b in zip(
-      jax.tree.leaves(after["encoders"]["audio"]),
-      jax.tree.leaves(before["encoders"]["audio"])))
-  assert s.step.compiled_patterns() == {0: 1}
-  assert loader.ALL not in s.step.compiled_patterns()
