@@ -3,11 +3,23 @@
 The device count must be set before JAX initialises its backends, hence here.
 """
 
+import atexit
 import os
+import shutil
+import tempfile
 
 import jax
 
 jax.config.update("jax_num_cpu_devices", 4)
+
+# Many tests build the same tiny programs (a fresh jitted closure each
+# time); a persistent compilation cache, fresh per test session, compiles
+# each distinct program once (test_methods_pmr.py: 58 s -> 34 s).
+_XLA_CACHE = tempfile.mkdtemp(prefix="g2d_jax_tests_xla_cache_")
+atexit.register(shutil.rmtree, _XLA_CACHE, ignore_errors=True)
+jax.config.update("jax_compilation_cache_dir", _XLA_CACHE)
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 # Tests that need the real data read it from here; see README "Data".
 # Absolute, because tests symlink into it from temporary directories and the
