@@ -137,6 +137,16 @@ def config_module(name):
   return module
 
 
+def assert_sgd_step(params0, grads, params1, lr):
+  """Every leaf of `params1` is `params0 - lr * grads` (plain SGD), named by
+  its path on failure."""
+  for (path, p0), g, got in zip(
+      jax.tree_util.tree_flatten_with_path(params0)[0],
+      jax.tree.leaves(grads), jax.tree.leaves(params1)):
+    np.testing.assert_allclose(got, p0 - lr * np.asarray(g), rtol=1e-5,
+                               atol=1e-6, err_msg=str(path))
+
+
 def experiment_module(name):
   """experiments/<name>.py, imported once per process (the scripts define
   absl flags, and `teacher_strength` imports `leaderboard`)."""

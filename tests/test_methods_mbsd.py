@@ -257,11 +257,7 @@ def test_training_step_descends_the_released_loss(fusion):
   assert metrics["mbsd/active"] == 1.0
   assert 0.0 < metrics["mbsd/weight"] < 1.0
   assert metrics["mbsd/rs"] > 0.0
-  for (path, p0), g, got in zip(
-      jax.tree_util.tree_flatten_with_path(params0)[0],
-      jax.tree.leaves(grads), jax.tree.leaves(new)):
-    np.testing.assert_allclose(got, p0 - 0.05 * np.asarray(g), rtol=1e-5,
-                               atol=1e-6, err_msg=str(path))
+  fx.assert_sgd_step(params0, grads, new, 0.05)
 
 
 def test_outside_the_window_the_loss_is_the_fused_cross_entropy():

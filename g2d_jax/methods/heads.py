@@ -201,6 +201,19 @@ def multi_loss_heads(method: str, source: str) -> HeadsSpec | None:
   return HeadsSpec("unimodal") if source == "separate" else None
 
 
+def require_fusion_logits(method: str, source: str, fusion: str,
+                          allowed: tuple[str, ...]) -> None:
+  """ConfigError unless `fusion` provides the per-modality logits a
+  multi-loss method trains when its unimodal logits come from the fusion
+  (`source="fusion"`); separate heads work with any fusion."""
+  if source == "fusion" and fusion not in allowed:
+    raise ConfigError(
+        f"config.method={method!r} trains the fusion's per-modality logits "
+        f"(unimodal_heads='fusion'), which fusion {fusion!r} does not "
+        f"provide in the released form; use --config.model.fusion= one of "
+        f"{allowed}, or --config.{method}.unimodal_heads=separate.")
+
+
 def multi_loss_terms(outputs: Any, labels: Array, source: str
                      ) -> tuple[Array, dict[str, Array]]:
   """(CE of the fused logits, {m: CE of modality m's unimodal logits}): the

@@ -309,12 +309,7 @@ def build(config: ml_collections.ConfigDict, task: str, *,
   common.require_classification(task, "inforeg")
   spec = heads.multi_loss_heads("inforeg", c.unimodal_heads)
   fusion = config.get("model", {}).get("fusion", "late")
-  if c.unimodal_heads == "fusion" and fusion not in FUSIONS:
-    raise ConfigError(
-        f"config.method='inforeg' scores and trains each modality with the "
-        f"fusion's per-modality logits, which fusion {fusion!r} does not "
-        f"provide in the released form; use --config.model.fusion= one of "
-        f"{FUSIONS}, or --config.inforeg.unimodal_heads=separate.")
+  heads.require_fusion_logits("inforeg", c.unimodal_heads, fusion, FUSIONS)
   if modalities is not None:
     _check_trace_source(c.trace_source, modalities)
     _modality_alphas(c, modalities)

@@ -263,12 +263,7 @@ def build(config: ml_collections.ConfigDict, task: str, *,
     raise ConfigError(f"config.mbsd.similarity_on={c.similarity_on!r} must "
                       f"be one of {SIMILARITY_SPACES}.")
   fusion = config.get("model", {}).get("fusion", "late")
-  if c.unimodal_heads == "fusion" and fusion not in MBSD_FUSIONS:
-    raise ConfigError(
-        f"config.method='mbsd' with unimodal_heads='fusion' trains the "
-        f"fusion's per-modality logits, which fusion {fusion!r} does not "
-        f"have as linear heads; use --config.model.fusion= one of "
-        f"{MBSD_FUSIONS}, or --config.mbsd.unimodal_heads=separate.")
+  heads.require_fusion_logits("mbsd", c.unimodal_heads, fusion, MBSD_FUSIONS)
   if modalities is not None and len(modalities) < 2:
     raise ConfigError(f"config.method='mbsd' compares pairs of modalities; "
                       f"the dataset has {tuple(modalities)}.")
