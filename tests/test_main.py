@@ -177,10 +177,12 @@ def cli(args, capsys):
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-  """A smoke workdir trained in process, for the stage-order cases."""
+def trained(smoke_run, tmp_path_factory):
+  """A finished smoke workdir (a copy of `smoke_run`'s, which the CLI's
+  stages do not tell apart from one trained in process), for the
+  stage-order cases."""
   workdir = tmp_path_factory.mktemp("cli") / "run"
-  assert main.cli(["g2d_jax.main", SMOKE, f"--workdir={workdir}"]) == 0
+  shutil.copytree(smoke_run[1], workdir)
   return workdir
 
 

@@ -153,31 +153,49 @@ def _fast_max_pool(x: Array, window: int, stride: int, pad: int) -> Array:
   return _reduce_max(x, window, stride, pad)
 
 
+def _window_views(x: Array, window: int, stride: int, pad: int,
+                  ho: int, wo: int):
+  """(i, j, x's values at window tap (i, j) of every output position)."""
+  xp = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)),
+               constant_values=-jnp.inf)
+  span_h, span_w = stride * (ho - 1) + 1, stride * (wo - 1) + 1
+  for i in range(window):          # row-major window order
+    for j in range(window):
+      yield i, j, xp[:, i:i + span_h:stride, j:j + span_w:stride, :]
+
+
 def _fast_max_pool_fwd(x, window, stride, pad):
   y = _reduce_max(x, window, stride, pad)
-  return y, (x, y)
+  # The tap holding each window's first maximum (XLA's select-and-scatter
+  # with `>=` routes the gradient there), found in the forward pass. The
+  # backward must not find it by `x == y`: XLA:CPU may fuse x's producer
+  # (BatchNorm + ReLU) into several consumers and compute it with
+  # different rounding in each, so that no tap equals y and the window's
+  # gradient is lost (it lost 10% of a ResNet stem's BatchNorm gradient).
+  best = jnp.full(y.shape, -jnp.inf, x.dtype)
+  tap = jnp.zeros(y.shape, jnp.int8)
+  for k, (_, _, xs) in enumerate(_window_views(x, window, stride, pad,
+                                               *y.shape[1:3])):
+    better = xs > best
+    best = jnp.where(better, xs, best)
+    tap = jnp.where(better, jnp.int8(k), tap)
+  return y, (tap, x.shape)
 
 
 def _fast_max_pool_bwd(window, stride, pad, res, dy):
-  x, y = res
-  _, h, w, _ = x.shape
-  ho, wo = y.shape[1:3]
-  xp = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)),
-               constant_values=-jnp.inf)
-  hp, wp = xp.shape[1:3]
-  taken = jnp.zeros(y.shape, bool)
-  dxp = jnp.zeros(xp.shape, dy.dtype)
+  tap, x_shape = res
+  _, h, w, _ = x_shape
+  ho, wo = dy.shape[1:3]
+  hp, wp = h + 2 * pad, w + 2 * pad
+  span_h, span_w = stride * (ho - 1) + 1, stride * (wo - 1) + 1
+  dxp = jnp.zeros((x_shape[0], hp, wp, x_shape[3]), dy.dtype)
   zero = jnp.zeros((), dy.dtype)
-  for i in range(window):          # row-major window order, as XLA's
-    for j in range(window):        # select-and-scatter with `>=`
-      span_h, span_w = stride * (ho - 1) + 1, stride * (wo - 1) + 1
-      xs = xp[:, i:i + span_h:stride, j:j + span_w:stride, :]
-      hit = (xs == y) & ~taken
-      taken = taken | hit
-      dxp = dxp + jax.lax.pad(
-          jnp.where(hit, dy, zero), zero,
-          ((0, 0, 0), (i, hp - i - span_h, stride - 1),
-           (j, wp - j - span_w, stride - 1), (0, 0, 0)))
+  for k in range(window * window):
+    i, j = divmod(k, window)
+    dxp = dxp + jax.lax.pad(
+        jnp.where(tap == k, dy, zero), zero,
+        ((0, 0, 0), (i, hp - i - span_h, stride - 1),
+         (j, wp - j - span_w, stride - 1), (0, 0, 0)))
   return (dxp[:, pad:pad + h, pad:pad + w, :],)
 
 
