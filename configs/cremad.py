@@ -2,7 +2,12 @@ r"""G2D on CREMA-D (audio spectrogram + one video frame, 6 emotions).
 
 The data is not shipped: put CREMA-D in the official G2D / OGM-GE layout
 under $G2D_DATA_DIR/cremad (train.csv, test.csv, AudioWAV/, Image-01-FPS/;
-see g2d_jax/data/cremad.py), then
+see g2d_jax/data/cremad.py), e.g. from the release with
+
+  python -m g2d_jax.data.prepare cremad --raw CREMA-D --out \
+      $G2D_DATA_DIR/cremad --splits DIR_WITH_OGM_GE_train_and_test_csv
+
+then
 
   G2D_DATA_DIR=/path/to/data python -m g2d_jax.main \
       --config=configs/cremad.py --workdir=runs/cremad

@@ -2,7 +2,12 @@ r"""G2D on VGGSound (audio spectrogram + three video frames, 309/310 classes).
 
 The data is not shipped: put VGGSound in the official G2D layout under
 $G2D_DATA_DIR/vggsound (vggsound.csv, frames/<split>/Image-01-FPS/,
-audio/<split>/; see g2d_jax/data/vggsound.py), then
+audio/<split>/; see g2d_jax/data/vggsound.py), e.g. from the clips with
+
+  python -m g2d_jax.data.prepare vggsound --raw VGGSOUND --out \
+      $G2D_DATA_DIR/vggsound
+
+then
 
   G2D_DATA_DIR=/path/to/data python -m g2d_jax.main \
       --config=configs/vggsound.py --workdir=runs/vggsound

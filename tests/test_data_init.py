@@ -10,7 +10,7 @@ from tests.conftest import DATA_DIR
 def test_names_and_default_configs():
   assert set(data.DATASET_NAMES) == {
       "avmnist", "avmnist_multibench", "mfeat", "synthetic", "cremad",
-      "vggsound", "urfunny", "iemocap", "misme"}
+      "vggsound", "urfunny", "iemocap", "misme", "kinetics_sounds", "ave"}
   for name in data.DATASET_NAMES:
     cfg = data.default_data_config(name)
     assert cfg.name == name
@@ -18,9 +18,9 @@ def test_names_and_default_configs():
 
 def test_unknown_name_lists_valid_ones():
   with pytest.raises(errors.ConfigError) as e:
-    data.default_data_config("kinetics_sounds")
+    data.default_data_config("ucf101")
   msg = str(e.value)
-  assert "unknown dataset 'kinetics_sounds'" in msg
+  assert "unknown dataset 'ucf101'" in msg
   for name in data.DATASET_NAMES:
     assert repr(name) in msg
   cfg = data.default_data_config("synthetic")

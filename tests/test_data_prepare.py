@@ -22,7 +22,9 @@ import scipy.io.wavfile
 
 import ml_collections
 
+from g2d_jax.data import ave
 from g2d_jax.data import cremad
+from g2d_jax.data import ks
 from g2d_jax.data import media
 from g2d_jax.data import prepare
 from g2d_jax.data import testclips
@@ -304,6 +306,18 @@ def test_kinetics_sounds_layout(tmp_path, caplog):
   assert levels == [round(4 * (i + 0.5)) - 1 for i in range(10)]
   sr, x = scipy.io.wavfile.read(out / "audio" / f"{some}.wav")
   assert sr == 16000 and x.ndim == 1
+  cfg = ks.default_config()
+  cfg.data_dir, cfg.subdir = str(tmp_path), "out"
+  cfg.storage, cfg.image_size, cfg.val_fraction = "on_demand", 8, 0.34
+  ds = ks.load(cfg)
+  assert ds.num_classes == 31
+  train_labels = [*ds.splits["train"].labels, *ds.splits["val"].labels]
+  assert sorted(train_labels) == [8, 8, 8, 29, 29, 29]
+  assert sorted(ds.splits["test"].labels) == [8, 29]
+  assert ds.splits["test"].inputs["audio"].shape == (2, 1024, 128, 1)
+  # Frames 1, 4, 7 of the 10 prepared: source frames 1, 13, 25.
+  frames = ds.splits["test"].inputs["visual"].raw[0]
+  assert [testclips.level_to_frame(f.mean()) for f in frames] == [1, 13, 25]
   assert prepare.class_list("ks32")[-5:] == [
       "strumming guitar", "tap dancing", "tapping guitar", "tapping pen",
       "tickling"]
@@ -342,6 +356,16 @@ def test_ave_layout(tmp_path, caplog):
   assert "v9\tlisted but AVE/v9.mp4 is missing" in open(
       out / prepare.FAILED_FILE).read()
   assert len(os.listdir(out / "frames" / "v3")) == 10
+  cfg = ave.default_config()
+  cfg.data_dir, cfg.subdir = str(tmp_path), "out"
+  cfg.storage, cfg.image_size = "on_demand", 8
+  ds = ave.load(cfg)
+  assert ds.num_classes == 3
+  assert [list(ds.splits[s].labels) for s in ("train", "val", "test")] == [
+      [0, 0, 2], [1], [2]]
+  assert ds.splits["val"].inputs["audio"].shape == (1, 257, 1004, 1)
+  frames = ds.splits["val"].inputs["visual"].raw[0]
+  assert [testclips.level_to_frame(f.mean()) for f in frames] == [1, 13, 25]
 
 
 def test_cremad_smoke_job_on_the_prepared_output(cremad_run, tmp_path,

@@ -1,4 +1,6 @@
-"""Datasets: AV-MNIST (built or MultiBench), UCI mfeat, synthetic.
+"""Datasets: AV-MNIST (built or MultiBench), UCI mfeat, synthetic, and
+loaders for user-provided CREMA-D, VGGSound, Kinetics-Sounds, AVE, UR-Funny,
+IEMOCAP and MIS-ME copies.
 
   cfg = default_data_config("avmnist")   # every build setting, documented
   ds = load_dataset(cfg)                 # -> MultimodalDataset
@@ -11,8 +13,10 @@ import ml_collections
 
 from g2d_jax import errors
 from g2d_jax.data import avmnist
+from g2d_jax.data import ave
 from g2d_jax.data import cremad
 from g2d_jax.data import iemocap
+from g2d_jax.data import ks
 from g2d_jax.data import mfeat
 from g2d_jax.data import misme
 from g2d_jax.data import multibench
@@ -29,6 +33,8 @@ _MODULES = {
     synthetic.NAME: synthetic,
     cremad.NAME: cremad,
     vggsound.NAME: vggsound,
+    ks.NAME: ks,
+    ave.NAME: ave,
     urfunny.NAME: urfunny,
     iemocap.NAME: iemocap,
     misme.NAME: misme,

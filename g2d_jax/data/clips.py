@@ -43,22 +43,30 @@ def clip_identity(h: Any, clip: Clip, frame_names: list[str],
     h.update(base.file_identity(p, root).encode())
 
 
-def load_clips(name: str, cfg, clips: Mapping[str, list[Clip]], sources: str,
-               spectrogram: Callable[[Clip], np.ndarray],
+def load_clips(name: str, cfg, clips: Mapping[str, list[Any]], sources: str,
+               spectrogram: Callable[[Any], np.ndarray],
                audio_shape: tuple[int, ...], num_classes: int,
                settings: dict[str, Any],
                fingerprint_extra: Mapping[str, Any] | None = None
                ) -> base.MultimodalDataset:
-  """The dataset of kept `clips` ({"train", "test"}).
+  """The dataset of kept `clips` ({"train", "test"}, and "val" where the
+  release has one; otherwise val is carved out of train per class).
+
+  Items need `clip_id`, `label` and `frames` (a `Clip`, or a loader's own
+  record that `spectrogram` reads).
 
   Inputs: audio float32 [N, *audio_shape] (scale 1), visual float32
   [N, num_frames, size, size, 3] ImageNet-normalised on read (uint8 in the
   cache).
   """
-  labels_train = np.array([x.label for x in clips["train"]], np.int32)
-  tr, va = base.carve_validation(labels_train, cfg.val_fraction, cfg.val_seed)
-  chosen = {"train": [clips["train"][i] for i in tr],
-            "val": [clips["train"][i] for i in va], "test": clips["test"]}
+  if "val" in clips:
+    chosen = {s: list(clips[s]) for s in base.SPLIT_NAMES}
+  else:
+    labels_train = np.array([x.label for x in clips["train"]], np.int32)
+    tr, va = base.carve_validation(labels_train, cfg.val_fraction,
+                                   cfg.val_seed)
+    chosen = {"train": [clips["train"][i] for i in tr],
+              "val": [clips["train"][i] for i in va], "test": clips["test"]}
   chosen = {s: base.cap(v, cfg.max_examples_per_split)
             for s, v in chosen.items()}
   shape_v = (cfg.num_frames, cfg.image_size, cfg.image_size, 3)

@@ -11,7 +11,8 @@ are resolved against `root`, absolute ones are used as given):
   AudioWAV/<clip id>.wav    the CREMA-D audio (16 kHz mono PCM in the release)
   Image-01-FPS/<clip id>/   1-fps JPEG frames `{frame index:05d}.jpg`, as
                             written by the official data/CREMAD/
-                            video_preprocessing.py from VideoFlash/*.flv
+                            video_preprocessing.py from VideoFlash/*.flv,
+                            or by `python -m g2d_jax.data.prepare cremad`
 
 Classes: NEU 0, HAP 1, SAD 2, FEA 3, DIS 4, ANG 5 (official `class_dict`).
 As in the official loader a CSV row is kept only if both its wav file and its

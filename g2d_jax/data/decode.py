@@ -62,6 +62,9 @@ def _video_frames(path: str) -> tuple[float, Iterator[Any]]:
     container.close()
     raise errors.DataError(f"{path} has no video track")
   stream = container.streams.video[0]
+  # One decoding thread: parallelism comes from the worker processes, and
+  # FFmpeg's own threads would oversubscribe the cores.
+  stream.thread_count = 1
   rate = stream.average_rate or stream.guessed_rate or stream.base_rate
   if not rate or float(rate) <= 0:
     container.close()

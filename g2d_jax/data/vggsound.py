@@ -10,7 +10,9 @@ is a config field, relative to `root` or absolute):
   frames/<split>/Image-01-FPS/<youtube_id>_<time:06d>/
                             1-fps JPEG frames `{frame index:05d}.jpg` written
                             by the official data/VGGSound/
-                            video_preprocessing.py
+                            video_preprocessing.py (or by
+                            `python -m g2d_jax.data.prepare vggsound`,
+                            which writes audio/ and the CSV too)
   audio/<split>/<youtube_id>_<time:06d>.wav
                             16 kHz PCM written by the official
                             data/VGGSound/mp4_to_wav.py (ffmpeg -ar 16000)
