@@ -23,9 +23,11 @@ Presets (`--config=configs/cremad.py:<preset>[,<method>]`):
   smoke  tiny encoders, 32 samples per split, 2 epochs (tests).
 
 The official code has no validation split: `config.data.val_fraction` (0.1)
-of each class's training rows forms one. Every split uses the deterministic
-test-time transform (no RandomResizedCrop/flip): teacher outputs are
-precomputed per sample.
+of each class's training rows forms one. By default every split uses the
+deterministic test-time transform (no RandomResizedCrop/flip), since teacher
+outputs are precomputed per sample; `--config.data.augment_views=4` caches
+four views of each training sample with the official train transform (and
+the teacher outputs of each), and the student reads one per epoch.
 """
 
 import ml_collections

@@ -28,10 +28,12 @@ Presets (`--config=configs/vggsound.py:<preset>[,<method>]`):
   smoke  tiny encoders, 32 samples per split, 2 epochs (tests).
 
 The official code has no validation split: `config.data.val_fraction` (0.05)
-of each class's training rows forms one. Every split uses the deterministic
-test-time transform (no RandomResizedCrop/flip) and a fixed 5 s audio crop
-(`config.data.crop`, default the middle of the official random range):
-teacher outputs are precomputed per sample.
+of each class's training rows forms one. By default every split uses the
+deterministic test-time transform (no RandomResizedCrop/flip) and a fixed 5
+s audio crop (`config.data.crop`, default the middle of the official random
+range), since teacher outputs are precomputed per sample;
+`--config.data.augment_views=K` caches K views of each training sample with
+the official frame transform.
 """
 
 import ml_collections

@@ -122,3 +122,11 @@ def test_resolve_cache_dir(monkeypatch, tmp_path):
   monkeypatch.setenv("G2D_CACHE_DIR", str(tmp_path))
   assert base.resolve_cache_dir("") == str(tmp_path)
   assert base.resolve_cache_dir("/x/y") == "/x/y"
+
+
+def test_split_views_count_rows_and_samples():
+  x = np.zeros((12, 2), np.float32)
+  s = base.Split({"a": x}, np.zeros(12, np.int32), {"a": 1.0}, views=4)
+  assert (len(s), s.num_samples, s.views) == (12, 3, 4)
+  with pytest.raises(errors.DataError, match="multiple of 5 rows, got 12"):
+    base.Split({"a": x}, np.zeros(12, np.int32), {"a": 1.0}, views=5)

@@ -372,8 +372,8 @@ def test_cremad_smoke_job_on_the_prepared_output(cremad_run, tmp_path,
                                                   monkeypatch):
   """The CREMA-D smoke config on the prepared output, every stage. Its
   ResNets are swapped for a tiny CNN (audio) and MLP (frames),
-  spectrograms are made smaller (65 x 48) and each stage runs one epoch,
-  to keep the suite fast
+  spectrograms are made smaller (65 x 48) and the teachers run one epoch,
+  to keep the suite fast; training uses two augmented views
   (the ResNets compile for about two minutes); experiments/README.md has
   the unchanged smoke preset on a prepared fixture."""
   tmp, _, _ = cremad_run
@@ -382,7 +382,8 @@ def test_cremad_smoke_job_on_the_prepared_output(cremad_run, tmp_path,
   with cfg.unlocked():
     cfg.data.data_dir, cfg.data.subdir = str(tmp), "out"
     cfg.data.n_fft, cfg.data.hop_length = 128, 1400
-    cfg.teacher.epochs = cfg.student.epochs = 1
+    cfg.teacher.epochs, cfg.student.epochs = 1, 2
+    cfg.data.augment_views = 2
     cnn = dict(kind="cnn", channels=(4, 8), downsample="stride",
                use_batchnorm=True)
     cfg.model.encoders = ml_collections.ConfigDict(
@@ -391,6 +392,18 @@ def test_cremad_smoke_job_on_the_prepared_output(cremad_run, tmp_path,
   summary = json.load(open(tmp_path / "w" / "summary.json"))
   n_test = len(read_csv(tmp / "out" / "test.csv"))
   assert summary["dataset"] == "cremad"
+  # Two training views: the teacher cache holds a row per (sample, view),
+  # and its manifest says so.
+  manifest = json.load(open(tmp_path / "w" / "teacher_cache" /
+                            "manifest.json"))
+  assert manifest["views"] == {"train": 2, "val": 1, "test": 1}
+  assert manifest["splits"]["train"] == 2 * 32
+  assert manifest["data"]["settings"]["augment_views"] == 2
+  logits = np.load(tmp_path / "w" / "teacher_cache" / "train" /
+                   "visual.logits.npy")
+  assert logits.shape == (64, 6)
+  # Views differ, so their teacher outputs do (rows 2i and 2i + 1).
+  assert np.abs(logits[0::2] - logits[1::2]).max() > 1e-4
   acc = summary["student"]["test_accuracy"]
   # An accuracy over n_test clips: a multiple of 1 / n_test.
   assert 0.0 <= acc <= 1.0

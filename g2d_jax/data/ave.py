@@ -73,9 +73,15 @@ memory-mapped cache under `<cache_dir>/ave/<key>/` (1 MB of spectrogram and
 read. Both give identical values.
 
 Deviations from the releases:
-- No train-time augmentation (the releases train with RandomResizedCrop +
-  RandomHorizontalFlip); every split uses the test transform, as teacher
-  outputs are precomputed per sample index.
+- Train-time augmentation is off by default (the releases train with
+  RandomResizedCrop + RandomHorizontalFlip); every split uses the test
+  transform, as teacher outputs are precomputed per sample index.
+  `config.data.augment_views=K` (K > 1) gives each training
+  sample K cached views with the official train transform per frame
+  (`clips.augmented_frames`: RandomResizedCrop + RandomHorizontalFlip,
+  view v of sample i drawn from (augment_seed, i, v)); the teacher outputs
+  are cached per view and the student reads view hash(seed, epoch, i) mod
+  K in each epoch. Validation and test keep the deterministic transform.
 - Resampling to 22050 Hz ("clip") uses scipy's polyphase filter; librosa
   uses soxr (>= 0.10) or resampy, so the spectrograms differ slightly. The
   spectrogram is computed in float64 and rounded to float32 (the release:
@@ -163,6 +169,8 @@ def default_config() -> ml_collections.ConfigDict:
   # --- visual ---
   cfg.num_frames = 3                # OGM-GE, ReconBoost; MLB: 4
   cfg.image_size = 224
+  # Training views (official train transform, cached): off by default.
+  clips.augment_config(cfg)
   return cfg
 
 

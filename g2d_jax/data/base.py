@@ -41,14 +41,25 @@ class Split:
       (regression).
     scales: modality -> factor; the model input is
       `inputs[m].astype(float32) * scales[m]`.
+    views: augmented views per sample (`data.augment_views`, training
+      splits of clip datasets): row `i * views + v` is view v of sample i,
+      so `len(split)` counts rows and `num_samples` samples. Training
+      batches read one view per sample and epoch
+      (`pipeline.loader.train_batches`); a pass over all rows (teacher
+      outputs) covers every view.
   """
 
   inputs: dict[str, np.ndarray]
   labels: np.ndarray
   scales: dict[str, float]
+  views: int = 1
 
   def __post_init__(self):
     n = len(self.labels)
+    if self.views < 1 or n % self.views:
+      raise errors.DataError(
+          f"a split with {self.views} views needs a multiple of {self.views}"
+          f" rows, got {n}")
     if self.labels.ndim != 1:
       raise errors.DataError(
           f"labels must be 1-D, got shape {self.labels.shape}; pass one label"
@@ -65,6 +76,11 @@ class Split:
 
   def __len__(self) -> int:
     return int(self.labels.shape[0])
+
+  @property
+  def num_samples(self) -> int:
+    """Samples (rows / views): what one training epoch visits."""
+    return len(self) // self.views
 
   def batch(self, idx: np.ndarray) -> dict[str, np.ndarray]:
     """Gathers samples `idx` as float32 model inputs.

@@ -59,11 +59,16 @@ Deviations from the official code:
 - The centre padding mode is a config field, `stft_pad_mode`: "constant"
   (zeros; the default of librosa >= 0.10, current when G2D was released) or
   "reflect" (librosa < 0.10). It changes only the first and last frames.
-- No train-time augmentation. The official train transform is
-  RandomResizedCrop(224) + RandomHorizontalFlip; here every split uses the
+- Train-time augmentation is off by default: every split uses the
   deterministic test transform, because teacher outputs are precomputed per
-  sample index (`pipeline.precompute`) and samples must not change between
-  reads.
+  sample (`pipeline.precompute`). The official train transform is
+  RandomResizedCrop(224) + RandomHorizontalFlip, redrawn at every read;
+  `config.data.augment_views=K` (K > 1) gives each training
+  sample K cached views with the official train transform per frame
+  (`clips.augmented_frames`: RandomResizedCrop + RandomHorizontalFlip,
+  view v of sample i drawn from (augment_seed, i, v)); the teacher outputs
+  are cached per view and the student reads view hash(seed, epoch, i) mod
+  K in each epoch. Validation and test keep the deterministic transform.
 - Clips shorter than 1 s are tiled as often as needed to fill 3 s (the
   official `np.tile(x, 3)` would give a shorter array and fail at batching).
 - Non-image files in a frame folder are ignored (the official code counts
@@ -128,6 +133,8 @@ def default_config() -> ml_collections.ConfigDict:
   # An existing frame folder without images: False raises, True drops the
   # sample (like a missing folder).
   cfg.skip_empty_frame_folders = False
+  # Training views (official train transform, cached): off by default.
+  clips.augment_config(cfg)
   return cfg
 
 

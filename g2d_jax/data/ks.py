@@ -64,8 +64,16 @@ Deviations from the releases:
 - BalanceBenchmark's training loader draws one random frame from each third
   of the clip (frames 1-3, 4-6, 7-9 of ten) and applies RandomResizedCrop +
   RandomHorizontalFlip. Teacher outputs are precomputed per sample index
-  here (`pipeline.precompute`), so every split uses the deterministic
-  test-time frames and transform; augmented views are a later feature.
+  here (`pipeline.precompute`), so by default every split uses the
+  deterministic test-time frames and transform.
+  `config.data.augment_views=K` (K > 1) gives each training sample K
+  cached views with the official train transform per frame
+  (`clips.augmented_frames`: RandomResizedCrop + RandomHorizontalFlip,
+  view v of sample i drawn from (augment_seed, i, v)); the teacher outputs
+  are cached per view and the student reads view hash(seed, epoch, i) mod
+  K in each epoch. Validation and test keep the deterministic transform.
+  The frames of a view are the test-time ones (1, 4, 7), not a random
+  frame per third.
 - The fbank is computed in float64 and rounded to float32 once (torchaudio:
   float32 throughout).
 - A wav at another rate is resampled to `sample_rate` (polyphase filter);
@@ -128,6 +136,8 @@ def default_config() -> ml_collections.ConfigDict:
   cfg.num_frames = 3
   cfg.min_frames = 4                # keep folders with more than 3 frames
   cfg.image_size = 224
+  # Training views (official train transform, cached): off by default.
+  clips.augment_config(cfg)
   return cfg
 
 

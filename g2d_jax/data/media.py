@@ -191,6 +191,29 @@ def load_rgb(path: str, size: int) -> np.ndarray:
         " clip") from None
 
 
+def open_rgb(path: str):
+  """The image as an RGB PIL image (loaded), for transforms.
+
+  Raises:
+    DataError: Pillow is missing, or the file is missing or not an image.
+  """
+  try:
+    from PIL import Image  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    raise errors.DataError(
+        "reading frames needs Pillow: pip install pillow (it is installed"
+        " with matplotlib)") from None
+  try:
+    with Image.open(path) as img:
+      return img.convert("RGB")
+  except FileNotFoundError:
+    raise errors.DataError(f"{path} is missing; restore the frame") from None
+  except OSError as e:
+    raise errors.DataError(
+        f"{path} is not a readable image ({e}); re-extract the frames of this"
+        " clip") from None
+
+
 def list_frames(folder: str) -> list[str]:
   """Image file names (.jpg/.jpeg/.png) of a frame folder, sorted by name."""
   return sorted(f for f in os.listdir(folder)

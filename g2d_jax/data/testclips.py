@@ -1,8 +1,9 @@
 """Small synthetic clips in real container formats, written with PyAV, for
 tests and for the preparation benchmark. They are not data of any dataset.
 
-Frame k is a solid grey of level `frame_level(k)`, so a test can tell from
-a decoded or extracted frame which one it is; the audio is a sine tone.
+Frame k is grey with mean level `frame_level(k)` (plus a small zero-mean
+left-to-right ramp), so a test can tell from a decoded or extracted frame
+which one it is, and a crop or flip changes it; the audio is a sine tone.
 """
 
 from __future__ import annotations
@@ -52,8 +53,12 @@ def write_clip(path: str, seconds: float, fps: int = 8,
       a = out.add_stream(acodec, rate=audio_rate)
       a.layout = "mono" if channels == 1 else "stereo"
     n_video = int(round(seconds * fps))
+    # A zero-mean left-to-right ramp, so crops and flips change a frame
+    # while its mean stays the frame's level.
+    ramp = np.linspace(-8.0, 8.0, w)
     for k in range(n_video):
-      img = np.full((h, w, 3), frame_level(k), np.uint8)
+      img = np.clip(frame_level(k) + ramp[None, :, None], 0, 255).astype(
+          np.uint8).repeat(3, axis=2)
       frame = av.VideoFrame.from_ndarray(img, format="rgb24")
       frame.pts = k
       frame.time_base = Fraction(1, fps)

@@ -59,9 +59,16 @@ Deviations from the official code:
   `"start"` (offset 0) or `"seeded"` (an offset in [0, 5 s] from a hash of
   `crop_seed` and the clip id, i.e. the official distribution, fixed per
   clip).
-- No train-time augmentation (official train transform: RandomResizedCrop +
-  RandomHorizontalFlip); every split uses the test transform, as samples must
-  be deterministic per index.
+- Train-time augmentation is off by default (official train transform:
+  RandomResizedCrop + RandomHorizontalFlip, redrawn at every read); every
+  split uses the test transform, as teacher outputs are cached per sample.
+  `config.data.augment_views=K` (K > 1) gives each training
+  sample K cached views with the official train transform per frame
+  (`clips.augmented_frames`: RandomResizedCrop + RandomHorizontalFlip,
+  view v of sample i drawn from (augment_seed, i, v)); the teacher outputs
+  are cached per view and the student reads view hash(seed, epoch, i) mod
+  K in each epoch. Validation and test keep the deterministic transform.
+  The 5 s audio crop is the same in every view (`crop`).
 - Resampling (only for files not at 16 kHz) uses scipy's polyphase filter,
   not soxr; the STFT is computed in float64 and rounded to float32; the STFT
   centre padding is `stft_pad_mode` ("constant" = librosa >= 0.10 default,
@@ -121,6 +128,8 @@ def default_config() -> ml_collections.ConfigDict:
   cfg.min_frames = 4                # official: more than 3 frames
   cfg.frame_seed = 999
   cfg.image_size = 224
+  # Training views (official train transform, cached): off by default.
+  clips.augment_config(cfg)
   return cfg
 
 

@@ -40,6 +40,34 @@ def epoch_seed(seed: int, epoch: int) -> int:
   return int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
 
 
+def _splitmix64(x: np.ndarray) -> np.ndarray:
+  x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+  x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+  return x ^ (x >> np.uint64(31))
+
+
+def view_index(seed: int, epoch: int, idx: np.ndarray, views: int
+               ) -> np.ndarray:
+  """The view each sample shows in an epoch: `hash(seed, epoch, i) mod K`
+  (splitmix64 chained over the three), int64 [B] in [0, views)."""
+  with np.errstate(over="ignore"):
+    h = _splitmix64(np.array([seed % 2**64], np.uint64)
+                    + np.uint64(0x9E3779B97F4A7C15))
+    h = _splitmix64(h ^ np.uint64(epoch % 2**64))
+    h = _splitmix64(h ^ np.asarray(idx).astype(np.uint64))
+  return (h % np.uint64(views)).astype(np.int64)
+
+
+def view_rows(split: Split, seed: int, epoch: int, idx: np.ndarray
+              ) -> np.ndarray:
+  """Rows of samples `idx` in this epoch (the samples themselves without
+  views)."""
+  idx = np.asarray(idx, np.int64)
+  if split.views == 1:
+    return idx
+  return idx * split.views + view_index(seed, epoch, idx, split.views)
+
+
 def steps_per_epoch(num_examples: int, batch_size: int) -> int:
   """Training drops the last partial batch so every step has one shape."""
   return num_examples // batch_size
@@ -76,14 +104,22 @@ def train_batches(split: Split, batch_size: int, *, seed: int, epoch: int,
                   | None = None) -> Iterator[dict[str, Any]]:
   """The shuffled, full batches of one epoch, from `start_step` on.
 
-  `gate(batch, epoch)`, if given, adds the SMP gate of each batch (computed
-  here, in the loader's threads, from the batch's teacher logits).
+  A split with views shuffles its samples and reads each one's view of
+  this epoch (`view_rows`); `batch["index"]` is the row, which joins the
+  teacher outputs of that view. `gate(batch, epoch)`, if given, adds the
+  SMP gate of each batch (computed here, in the loader's threads, from the
+  batch's teacher logits).
   """
-  ds = (grain.MapDataset.range(len(split))
+  ds = (grain.MapDataset.range(split.num_samples)
         .shuffle(seed=epoch_seed(seed, epoch))
         .batch(batch_size, drop_remainder=True))
   batch_gate = None if gate is None else (lambda b: gate(b, epoch))
-  ds = ds[start_step:].map(_fetcher(split, teacher, teacher_keys, batch_gate))
+  fetch = _fetcher(split, teacher, teacher_keys, batch_gate)
+  if split.views > 1:
+    ds = ds[start_step:].map(
+        lambda idx: fetch(view_rows(split, seed, epoch, idx)))
+  else:
+    ds = ds[start_step:].map(fetch)
   return iter(ds.to_iter_dataset(_READ))
 
 

@@ -47,11 +47,21 @@ def cache_dir(workdir: str) -> str:
 
 def expected_manifest(dataset: MultimodalDataset,
                       teacher_digests: dict[str, str]) -> dict[str, Any]:
-  """What a cache for this data and these teachers must declare."""
-  return artifacts.plain({
+  """What a cache for this data and these teachers must declare.
+
+  With training views (`data.augment_views` K > 1) the rows are (sample,
+  view) pairs, `splits` counts rows and `views` gives K per split; the data
+  fingerprint holds K and the transform settings. Without views the
+  manifest has no `views` entry (as before views existed).
+  """
+  want = {
       "format": FORMAT, "data": dataset.fingerprint,
       "teachers": dict(sorted(teacher_digests.items())),
-      "splits": {s: len(dataset.splits[s]) for s in dataset.splits}})
+      "splits": {s: len(dataset.splits[s]) for s in dataset.splits}}
+  views = {s: getattr(dataset.splits[s], "views", 1) for s in dataset.splits}
+  if any(v > 1 for v in views.values()):
+    want["views"] = views
+  return artifacts.plain(want)
 
 
 def teacher_outputs(model: Any, weights: Any, split: Any, batch_size: int,

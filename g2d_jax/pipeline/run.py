@@ -140,7 +140,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, mode: str = "all",
   if mode == "all" and methods.trains_nothing(config.method):
     # UME is the teachers' ensemble: nothing to cache or train.
     order = ["teachers", "eval"]
-  estimate = JobEstimate(config, len(dataset.splits["train"]),
+  estimate = JobEstimate(config, dataset.splits["train"].num_samples,
                          len(dataset.modalities), order, smaller_preset)
   stages = {
       "teachers": lambda: teachers.train_teachers(

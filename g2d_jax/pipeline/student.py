@@ -95,11 +95,11 @@ def build_student(config: ml_collections.ConfigDict,
     ConfigError: the method cannot run with these settings.
   """
   train = dataset.splits["train"]
-  spe = loader.steps_per_epoch(len(train), config.student.batch_size)
+  spe = loader.steps_per_epoch(train.num_samples, config.student.batch_size)
   if spe == 0:
     raise TrainingError(
-        f"student: the training split has {len(train)} examples, fewer than "
-        f"one batch of {config.student.batch_size}; lower "
+        f"student: the training split has {train.num_samples} examples, "
+        f"fewer than one batch of {config.student.batch_size}; lower "
         "--config.student.batch_size.")
   modalities = tuple(dataset.modalities)
   method = methods.build_method(config, dataset.task, modalities=modalities,
@@ -189,7 +189,7 @@ def make_epoch_hook(student: Student, train: Any, batch_size: int, seed: int,
   if hook.split == "val":
     n = hook.num_batches(-(-len(val) // batch_size))  # padded, so ceil
   else:
-    n = hook.num_batches(loader.steps_per_epoch(len(train), batch_size))
+    n = hook.num_batches(loader.steps_per_epoch(train.num_samples, batch_size))
 
   def batches(epoch: int):
     if hook.split == "val":

@@ -46,7 +46,7 @@ def train_teachers(config: ml_collections.ConfigDict,
   `on_rate` is `trainer.fit`'s."""
   results = {}
   train = dataset.splits["train"]
-  spe = loader.steps_per_epoch(len(train), config.teacher.batch_size)
+  spe = loader.steps_per_epoch(train.num_samples, config.teacher.batch_size)
   for m in dataset.modalities:
     directory = teacher_dir(workdir, m)
     fp = fingerprint(config, dataset, m)

@@ -114,11 +114,11 @@ def fit(*, name: str, directory: str, state: TrainState,
   """
   os.makedirs(directory, exist_ok=True)
   ckpt = checkpoint.RunCheckpoints(os.path.join(directory, "checkpoints"))
-  spe = loader.steps_per_epoch(len(train_split), batch_size)
+  spe = loader.steps_per_epoch(train_split.num_samples, batch_size)
   if spe == 0:
     raise TrainingError(
-        f"{name}: the training split has {len(train_split)} examples, fewer "
-        f"than one batch of {batch_size}; lower the batch size.")
+        f"{name}: the training split has {train_split.num_samples} examples,"
+        f" fewer than one batch of {batch_size}; lower the batch size.")
 
   meta: dict[str, Any] = {
       "format": META_FORMAT, "epoch": 0, "step_in_epoch": 0, "sums": None,
