@@ -21,6 +21,18 @@ the same seeds' teachers, with no trials.
       --seeds=3 --trials=3 --out=runs/leaderboard/avmnist_released \
       --runs_root=runs/leaderboard/avmnist_runs
 
+Runs outlive the runs directory with `--bank=DIR`: every finished run's
+summary is copied to `DIR/seed<S>/<run name>.json` (a few kB), and a run
+whose banked summary has the config this command would give it (compared
+field by field; a field the bank lacks is one added since, whose default
+keeps the old behaviour) is taken from the bank instead of trained. Commit
+the bank and a long leaderboard (the AV-MNIST ones are tens of CPU hours)
+accumulates across sessions and machines. Teachers are trained only for
+seeds that still have runs to do, and a new run's teachers must score
+exactly what the banked runs' teachers of its seed scored, or the
+leaderboard stops: the paired differences assume one set of teachers per
+seed.
+
 Writes `<out>/leaderboard.csv` (one row per method), `leaderboard.md` (the
 table, the paired tests against joint and G2D, the resolved windows, every
 trial's validation score), `leaderboard.png` (fused test accuracy, mean and
@@ -58,6 +70,8 @@ from absl import flags
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from g2d_jax import artifacts  # noqa: E402  pylint: disable=g-import-not-at-top
+from g2d_jax import main as main_lib  # noqa: E402  pylint: disable=g-import-not-at-top
 from g2d_jax import methods  # noqa: E402  pylint: disable=g-import-not-at-top
 from g2d_jax.errors import ConfigError  # noqa: E402  pylint: disable=g-import-not-at-top
 
@@ -88,6 +102,11 @@ _STEP_TIMES = flags.DEFINE_string(
     "or experiments/benchmark_step.py, for the step-time column (e.g. "
     "experiments/results/step_paper_bs16.json for AV-MNIST)")
 _TIMEOUT = flags.DEFINE_integer("timeout", 7200, "seconds per run")
+_BANK = flags.DEFINE_string(
+    "bank", None, "a directory (in the repository, e.g. experiments/results/"
+    "leaderboard/avmnist_quick_runs) that keeps every finished run's "
+    "summary: a later session or machine reuses a banked run whose config "
+    "matches instead of training it again")
 
 
 # ---------------------------------------------------------------------------
@@ -274,12 +293,15 @@ class Runner:
 
   def __init__(self, config: str, runs_root: str, protocol: str,
                overrides: Sequence[str], parallel: int, pin: bool,
-               timeout: int):
+               timeout: int, bank: str | None = None):
     self.config, self.root, self.protocol = config, runs_root, protocol
     self.overrides = list(overrides)
     self.parallel, self.pin, self.timeout = parallel, pin, timeout
+    self.bank = bank
     self._lock = threading.Lock()
     self._free_cores = list(range(max(1, parallel)))
+    self._seed_locks: dict[int, threading.Lock] = {}
+    self._teachers_ready: set[int] = set()
     self.done = 0
     self.ran = 0    # runs trained here, not reused: what the ETA rests on
     self.total = 0
@@ -332,23 +354,84 @@ class Runner:
         with self._lock:
           self._free_cores.append(core)
 
+  def expected_config(self, seed: int, method: str, run_name: str,
+                      setting: Mapping[str, Any]) -> dict[str, Any]:
+    """The config `g2d_jax.main` will run with for these flags, as JSON."""
+    path, sep, preset = self.config.partition(":")
+    spec = (path if os.path.isabs(path) else os.path.join(ROOT, path)) + (
+        sep + preset)
+    cmd = self.command(seed, method, run_name, setting)
+    argv = ["g2d_jax.main", f"--config={spec}",
+            *[a for a in cmd[3:] if not a.startswith("--config=")]]
+    fv, status = main_lib.parse(argv)
+    if fv is None:
+      raise ConfigError(f"the run's flags do not parse (exit {status}): "
+                        f"{' '.join(cmd)}")
+    return artifacts.plain(fv["config"].value)
+
+  def bank_path(self, seed: int, run_name: str) -> str:
+    assert self.bank
+    return os.path.join(self.bank, f"seed{seed}", f"{run_name}.json")
+
   def student(self, seed: int, method: str, trial: int,
               setting: Mapping[str, Any]) -> dict[str, Any]:
-    """The summary of one (seed, method, trial) run, running it if needed."""
+    """The summary of one (seed, method, trial) run: from the runs
+    directory, else from the bank, else by running it."""
     name = run_name(self.protocol, method, trial)
     path = self.summary_path(seed, name)
-    reused = _finished(path, method, seed, setting)
-    if not reused:
+    want = self.expected_config(seed, method, name, setting)
+    summary, source = _matching(path, want), "reused"
+    if summary is None and self.bank:
+      summary, source = _matching(self.bank_path(seed, name), want), "banked"
+    if summary is None:
+      self.ensure_teachers(seed)
       self.run(self.command(seed, method, name, setting),
                os.path.join(self.workdir(seed), "logs", f"{name}.log"))
+      summary, source = _matching(path, want), "done"
+      if summary is None:
+        raise RuntimeError(f"{path}: the run finished but its summary's "
+                           "config is not the one asked for.")
+    if self.bank and source != "banked":
+      self.deposit(seed, name, summary)
     with self._lock:
       self.done += 1
-      self.ran += not reused
+      self.ran += source == "done"
       print(f"[{self.done}/{self.total}] seed {seed} {method} trial {trial} "
-            f"{'reused' if reused else 'done'}; {self.progress()}",
-            flush=True)
-    with open(path) as f:
-      return json.load(f)
+            f"{source}; {self.progress()}", flush=True)
+    return summary
+
+  def deposit(self, seed: int, name: str, summary: Mapping[str, Any]) -> None:
+    """Banks a finished run, after checking that its teachers are the ones
+    the bank's runs of the same seed were made with."""
+    folder = os.path.dirname(self.bank_path(seed, name))
+    with self._lock:
+      for other in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
+        if not other.endswith(".json") or other == f"{name}.json":
+          continue
+        banked = artifacts.read_json(os.path.join(folder, other))
+        if not same_teacher_setup(banked, summary):
+          continue
+        if banked["teachers"] != summary["teachers"]:
+          raise RuntimeError(
+              f"seed {seed}: the teachers of run {name!r} score "
+              f"{teacher_scores(summary)}, but the banked run {other!r} of "
+              f"the same seed and teacher settings was made with teachers "
+              f"scoring {teacher_scores(banked)}. Paired differences need "
+              f"one set of teachers per seed: find why training is not "
+              f"reproducible here, or start the seed over by removing "
+              f"{folder}.")
+      os.makedirs(folder, exist_ok=True)
+      artifacts.write_json(self.bank_path(seed, name), summary)
+
+  def ensure_teachers(self, seed: int) -> None:
+    """Trains the seed's teachers and cache once, before its first run
+    (parallel runs of one seed wait for them rather than race)."""
+    with self._lock:
+      lock = self._seed_locks.setdefault(seed, threading.Lock())
+    with lock:
+      if seed not in self._teachers_ready:
+        self.teachers(seed)
+        self._teachers_ready.add(seed)
 
   def teachers(self, seed: int) -> None:
     """Teachers and their cache of one seed, before its students."""
@@ -371,22 +454,49 @@ def _flag_value(v: Any) -> str:
   return str(tuple(v)) if isinstance(v, (list, tuple)) else str(v)
 
 
-def _finished(path: str, method: str, seed: int,
-              setting: Mapping[str, Any]) -> bool:
-  """The summary exists and is the run asked for (method, seed, setting)."""
+def config_difference(banked: Any, want: Any, path: str = "") -> str | None:
+  """The first config field where a stored run differs from the one asked
+  for (None: it is that run). A field the stored config lacks is one added
+  to the code since; new fields default to the old behaviour, so it is not
+  a difference."""
+  if isinstance(want, dict) and isinstance(banked, dict):
+    for key in sorted(set(want) | set(banked)):
+      sub = f"{path}.{key}" if path else key
+      if key not in banked:
+        continue
+      if key not in want:
+        return sub
+      found = config_difference(banked[key], want[key], sub)
+      if found:
+        return found
+    return None
+  return None if banked == want else path or "<root>"
+
+
+def _matching(path: str, want: Mapping[str, Any]) -> dict[str, Any] | None:
+  """The summary at `path` if it exists and is the run asked for."""
   if not os.path.exists(path):
-    return False
-  with open(path) as f:
-    summary = json.load(f)
-  cfg = summary["config"]
-  if cfg["method"] != method or cfg["seed"] != seed:
-    return False
-  for key, want in setting.items():
-    got = _get(cfg, key)
-    if (list(got) if isinstance(got, tuple) else got) != (
-        list(want) if isinstance(want, tuple) else want):
-      return False
-  return True
+    return None
+  summary = artifacts.read_json(path)
+  diff = config_difference(summary.get("config", {}), want)
+  if diff:
+    print(f"{path}: config.{diff} differs from this run's; running it "
+          "again", flush=True)
+    return None
+  return summary
+
+
+def same_teacher_setup(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
+  """Two summaries whose teachers were trained alike (same teacher and
+  model settings, same data)."""
+  return all(a["config"].get(k) == b["config"].get(k)
+             for k in ("seed", "teacher", "model", "data")) and (
+                 a.get("data_fingerprint") == b.get("data_fingerprint"))
+
+
+def teacher_scores(summary: Mapping[str, Any]) -> dict[str, float]:
+  return {m: next(v for k, v in t.items() if k.startswith("test_"))
+          for m, t in summary["teachers"].items()}
 
 
 # ---------------------------------------------------------------------------
@@ -583,7 +693,8 @@ def leaderboard(config: str, selected: Sequence[str], seeds: int,
                 grid_specs: Sequence[str] = (), overrides: Sequence[str] = (),
                 parallel: int = 1, pin: bool = False, timeout: int = 7200,
                 step_times: Mapping[str, float] | None = None,
-                command: str = "") -> list[dict[str, Any]]:
+                command: str = "", bank: str | None = None
+                ) -> list[dict[str, Any]]:
   """Runs (or finds) every run, then writes the report; returns its rows."""
   if seeds < 1 or trial_count < 1:
     raise ConfigError("--seeds and --trials must be at least 1.")
@@ -598,13 +709,11 @@ def leaderboard(config: str, selected: Sequence[str], seeds: int,
     else:
       plan[m] = trials(m, grids[m], base, trial_count)
   runner = Runner(config, runs_root, protocol, overrides, parallel, pin,
-                  timeout)
+                  timeout, bank)
   seed_list = list(range(seeds))
   trained = [m for m in selected if not methods.trains_nothing(m)]
   runner.total = (len(trained) * (trial_count + seeds - 1)
                   + (len(selected) - len(trained)) * seeds)
-  for s in seed_list:
-    runner.teachers(s)
   tuning = seed_list[0]
   trial_jobs = [(m, i, setting) for m in trained
                 for i, setting in enumerate(plan[m])]
@@ -654,7 +763,8 @@ def main(argv):
         _OVERRIDE.value, _PARALLEL.value, _PIN.value, _TIMEOUT.value,
         load_step_times(_STEP_TIMES.value),
         command=" ".join(["python experiments/leaderboard.py",
-                          *sys.argv[1:]]))
+                          *sys.argv[1:]]),
+        bank=os.path.abspath(_BANK.value) if _BANK.value else None)
   except ConfigError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)

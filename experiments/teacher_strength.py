@@ -16,7 +16,9 @@ Finished runs are reused, like the leaderboard's.
 
 A length equal to the config's own `teacher.epochs` can reuse the
 leaderboard's runs of the same protocol: `--default_runs_root` (its
-`--runs_root`; run names are the leaderboard's, `<protocol>_<method>_t0`).
+`--runs_root`; run names are the leaderboard's, `<protocol>_<method>_t0`),
+or `--bank` (the leaderboard's bank; other lengths are banked in its
+`teacher<E>/` folders).
 
 Writes `<out>/teacher_strength.json`, `.md` and `.png` (student accuracy
 and ECE against the teachers' mean confidence, a line per method).
@@ -168,6 +170,17 @@ def plot(path: str, rows: Sequence[Mapping[str, Any]]) -> None:
   os.replace(tmp, path)
 
 
+def bank_dir(bank: str | None, epochs: int, default: int) -> str | None:
+  """Where runs with `epochs`-epoch teachers are banked: the leaderboard's
+  own bank for the config's teacher length (its runs are the same), a
+  folder of it per other length."""
+  if not bank:
+    return None
+  bank = os.path.abspath(bank)
+  return bank if epochs == default else os.path.join(bank,
+                                                     f"teacher{epochs}")
+
+
 def main(argv):
   del argv
   try:
@@ -186,9 +199,8 @@ def main(argv):
         lb._CONFIG.value, os.path.abspath(reuse) if reuse else
         os.path.join(root, f"teacher{e}"), lb._PROTOCOL.value,
         [f"teacher.epochs={e}"], lb._PARALLEL.value, lb._PIN.value,
-        lb._TIMEOUT.value)
+        lb._TIMEOUT.value, bank_dir(lb._BANK.value, e, default))
     runner.total = len(names)
-    runner.teachers(_SEED.value)
     got = runner.map(lambda m, r=runner: r.student(_SEED.value, m, 0, {}),
                      names)
     summaries.update({(e, m): s for m, s in zip(names, got)})

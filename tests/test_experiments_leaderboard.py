@@ -3,6 +3,8 @@ its bad-input errors (the runs themselves are exercised by the pipeline
 tests; the leaderboard's own results are in experiments/README.md)."""
 
 
+import os
+
 import numpy as np
 import pytest
 
@@ -116,3 +118,111 @@ def test_progress_eta_rests_on_trained_runs_only():
   assert "left" not in runner.progress()
   runner.ran = 2
   assert runner.progress().endswith("at most about 6 min left")
+
+
+class FakeRuns:
+  """Stands in for `Runner.run`: records each command and writes the
+  summary a finished `g2d_jax.main` run would (its real config, and
+  teachers scoring `self.teacher_acc`)."""
+
+  def __init__(self):
+    self.commands: list[list[str]] = []
+    self.teacher_acc = 0.5
+
+  def __call__(self, cmd, log):
+    del log
+    self.commands.append(cmd)
+    flags_ = dict(a[2:].split("=", 1) for a in cmd[3:])
+    if flags_["mode"] != "all":
+      return
+    fv, status = lb.main_lib.parse(["g2d_jax.main", *cmd[3:]])
+    assert status == 0
+    config = fv["config"].value
+    summary = {"config": lb.artifacts.plain(config), "task": "classification",
+               "modalities": ["pix", "fou"], "data_fingerprint": {"d": 1},
+               "teachers": {"pix": {"test_accuracy": self.teacher_acc},
+                            "fou": {"test_accuracy": 0.25}},
+               "student": {"test_accuracy": 0.75}}
+    name = config.run_name
+    os.makedirs(flags_["workdir"], exist_ok=True)
+    lb.artifacts.write_json(
+        os.path.join(flags_["workdir"], f"summary_{name}.json"), summary)
+
+  def modes(self):
+    return [[a for a in c if a.startswith("--mode=")][0][7:] + " "
+            + [a for a in c if a.startswith("--config.method=")][0][16:]
+            for c in self.commands]
+
+
+def _runner(tmp_path, runs, fake, monkeypatch):
+  runner = lb.Runner("configs/mfeat.py", str(tmp_path / runs), "common", (),
+                     1, False, 10, bank=str(tmp_path / "bank"))
+  monkeypatch.setattr(runner, "run", fake)
+  return runner
+
+
+def test_bank_keeps_runs_across_runs_directories(tmp_path, monkeypatch):
+  """A run is trained once: a second machine (a fresh runs directory) takes
+  it from the bank and trains no teachers for a seed it has nothing to run
+  on; another setting is run; teachers are trained once per seed."""
+  fake = FakeRuns()
+  first = _runner(tmp_path, "runs1", fake, monkeypatch)
+  got = first.student(0, "joint", 0, {})
+  first.student(0, "mlb", 0, {})
+  assert fake.modes() == ["teachers g2d", "precompute g2d", "all joint",
+                          "all mlb"]
+  assert got["student"]["test_accuracy"] == 0.75
+  banked = tmp_path / "bank" / "seed0" / "common_joint_t0.json"
+  assert lb.artifacts.read_json(str(banked)) == got
+  assert first.ran == 2
+
+  fake2 = FakeRuns()
+  second = _runner(tmp_path, "runs2", fake2, monkeypatch)
+  assert second.student(0, "joint", 0, {}) == got
+  assert fake2.modes() == []
+  assert second.ran == 0 and second.done == 1
+  # The same run name with another setting is another run.
+  second.student(0, "mlb", 0, {"mlb.beta_max": 2.0})
+  assert fake2.modes() == ["teachers g2d", "precompute g2d", "all mlb"]
+  assert lb.artifacts.read_json(str(tmp_path / "bank" / "seed0" /
+                                    "common_mlb_t0.json"))["config"]["mlb"][
+                                        "beta_max"] == 2.0
+
+
+def test_bank_matches_the_config_field_by_field(tmp_path, monkeypatch):
+  """A field the banked config lacks was added since (still the same run);
+  a field whose value differs makes it another run."""
+  fake = FakeRuns()
+  _runner(tmp_path, "runs1", fake, monkeypatch).student(0, "joint", 0, {})
+  path = str(tmp_path / "bank" / "seed0" / "common_joint_t0.json")
+  summary = lb.artifacts.read_json(path)
+  del summary["config"]["student"]["optimizer"]["lr_scale"]
+  lb.artifacts.write_json(path, summary)
+  fake2 = FakeRuns()
+  _runner(tmp_path, "runs2", fake2, monkeypatch).student(0, "joint", 0, {})
+  assert fake2.modes() == []
+  summary["config"]["student"]["epochs"] += 1
+  lb.artifacts.write_json(path, summary)
+  fake3 = FakeRuns()
+  _runner(tmp_path, "runs3", fake3, monkeypatch).student(0, "joint", 0, {})
+  assert fake3.modes() == ["teachers g2d", "precompute g2d", "all joint"]
+  assert lb.config_difference({"a": {"b": 1, "c": 2}}, {"a": {"b": 1}}) == (
+      "a.c")
+  assert lb.config_difference({"a": {"b": 1}}, {"a": {"b": 1, "c": 2}}) is None
+  assert lb.config_difference({"a": [1, 2]}, {"a": [1, 3]}) == "a"
+
+
+def test_bank_refuses_runs_of_other_teachers_for_the_same_seed(tmp_path,
+                                                               monkeypatch):
+  fake = FakeRuns()
+  _runner(tmp_path, "runs1", fake, monkeypatch).student(0, "joint", 0, {})
+  fake2 = FakeRuns()
+  fake2.teacher_acc = 0.51
+  second = _runner(tmp_path, "runs2", fake2, monkeypatch)
+  with pytest.raises(RuntimeError, match=r"one set of teachers per seed.*"
+                     r"removing .*bank/seed0"):
+    second.student(0, "mlb", 0, {})
+  assert not (tmp_path / "bank" / "seed0" / "common_mlb_t0.json").exists()
+  # Another seed has its own teachers.
+  second.student(1, "mlb", 0, {})
+  assert (tmp_path / "bank" / "seed1" / "common_mlb_t0.json").exists()
