@@ -17,7 +17,9 @@ from blocks run side by side.
 Variants: `impl` jax | torch; `method` joint | g2d | (other g2d_jax methods,
 JAX only); `pattern` all | audio | image (which modalities train: "audio"
 means SMP gates the image branch); `model` paper (two ResNet-18s) | quick
-(two stride-2 CNNs); `batch_size`.
+(two stride-2 CNNs); `batch_size`. JAX runs on its default device (a GPU
+when jax[cuda12] is installed); PyTorch on `$G2D_TORCH_DEVICE` (default cpu;
+experiments/device_check.sh sets cuda).
 """
 
 from __future__ import annotations
@@ -183,7 +185,8 @@ def torch_worker() -> None:
   variants = {}
 
   def setup(v):
-    step = TorchStep(v["model"], v["method"], v["pattern"], v["batch_size"])
+    step = TorchStep(v["model"], v["method"], v["pattern"], v["batch_size"],
+                     device=os.environ.get("G2D_TORCH_DEVICE", "cpu"))
     t0 = time.perf_counter()
     step()
     first_s = time.perf_counter() - t0

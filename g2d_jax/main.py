@@ -19,10 +19,12 @@ import sys
 
 from absl import flags
 from absl import logging
+import jax
 from ml_collections import config_flags
 
 from g2d_jax.errors import G2DError
 from g2d_jax.pipeline import config as config_lib
+from g2d_jax.pipeline import distributed as distributed_lib
 
 RUNS_DIR = "runs"
 
@@ -38,6 +40,22 @@ def define_flags(fv: flags.FlagValues, argv: list[str]) -> None:
                       f"{RUNS_DIR}/<config name>[_<preset>]).", flag_values=fv)
   flags.DEFINE_enum("mode", "all", config_lib.MODES, "Stage(s) to run.",
                     flag_values=fv)
+  # A multi-process job (jax.distributed): one process per host or GPU.
+  flags.DEFINE_enum("distributed", "off", ["off", "auto"],
+                    "'auto': join a multi-process job found by JAX's cluster "
+                    "detection (SLURM, Open MPI, ...). A job can also be "
+                    "given by the three flags below.", flag_values=fv)
+  flags.DEFINE_string("coordinator_address", None,
+                      "HOST:PORT of process 0 of a multi-process job "
+                      f"(or ${distributed_lib.ENV_ADDRESS}).", flag_values=fv)
+  flags.DEFINE_integer("num_processes", None, "processes in the job (or "
+                       f"${distributed_lib.ENV_PROCESSES}).", flag_values=fv)
+  flags.DEFINE_integer("process_id", None, "this process, 0..num_processes-1 "
+                       f"(or ${distributed_lib.ENV_PROCESS_ID}).",
+                       flag_values=fv)
+  flags.DEFINE_integer("distributed_timeout", 60, "seconds to wait for every "
+                       "process to join, and after which a silent process "
+                       "counts as dead.", flag_values=fv)
 
 
 def default_workdir(config_arg: str) -> str:
@@ -121,11 +139,30 @@ def cli(argv: list[str]) -> int:
   logging.info("outputs go to %s", os.path.abspath(workdir))
   print(f"g2d_jax: outputs go to {os.path.abspath(workdir)}", file=sys.stderr)
   try:
+    distributed_lib.initialize(distributed_lib.settings_from(
+        fv.distributed, fv.coordinator_address, fv.num_processes,
+        fv.process_id, fv.distributed_timeout))
     run.run(fv["config"].value, workdir, fv.mode,
             smaller_preset=smaller_preset_hint(config_arg))
   except G2DError as e:
     logging.error("%s", e)
     return _error(str(e))
+  except jax.errors.JaxRuntimeError as e:
+    if not distributed_lib.multiprocess():
+      raise
+    # A collective failed: most often another process of the job died.
+    # Leave at once: JAX's shutdown would wait for the dead process and
+    # then abort with a stack dump.
+    first = (str(e).strip().splitlines() or [repr(e)])[0][:300]
+    status = _error(
+        f"the multi-process job failed in process "
+        f"{jax.process_index()} of {jax.process_count()}: {first}. If "
+        "another process died or was killed, start every process again "
+        "with the same flags: the job resumes from its last checkpoint.")
+    logging.flush()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)  # pylint: disable=protected-access
   return 0
 
 

@@ -69,6 +69,26 @@ def test_auto_picks_im2col_where_it_measured_faster():
     conv_lib.choose_impl("fft", (4, 4), (3, 3), (1, 1), pad1, 4)
 
 
+def test_off_the_cpu_auto_and_fast_are_xlas_own(monkeypatch):
+  """The CPU-tuned choices resolve to XLA's kernels on a GPU or TPU: the
+  im2col shapes above are XLA convolutions, and the fast pooling's gradient
+  is XLA's select-and-scatter (the fast one has none)."""
+  pad1 = ((1, 1), (1, 1))
+  x = np.zeros((1, 8, 8, 2), np.float32)
+  grad_ops = lambda: str(jax.make_jaxpr(jax.grad(lambda x: jnp.sum(
+      conv_lib.max_pool(x, 3, 2, 1, impl="fast"))))(x))
+  assert "select_and_scatter_add" not in grad_ops()
+  for backend in ("gpu", "tpu"):
+    monkeypatch.setattr(jax, "default_backend", lambda b=backend: b)
+    assert conv_lib.choose_impl("auto", (2, 2), (3, 3), (1, 1), pad1,
+                                256) == "xla"
+    assert conv_lib.choose_impl("auto", (28, 28), (1, 1), (2, 2),
+                                ((0, 0), (0, 0)), 64) == "xla"
+    assert conv_lib.choose_impl("im2col", (2, 2), (3, 3), (1, 1), pad1,
+                                256) == "im2col"   # asked for by name
+    assert "select_and_scatter_add" in grad_ops()
+
+
 def test_conv_module_has_flax_conv_parameters():
   x = np.ones((2, 5, 5, 3), np.float32)
   key = jax.random.key(0)

@@ -91,3 +91,18 @@ def test_wandb_gets_the_same_scalars_offline(tmp_path, monkeypatch):
   monkeypatch.setitem(sys.modules, "wandb", None)   # not installed
   with pytest.raises(ConfigError, match="pip install wandb"):
     logs.RunLog(str(tmp_path), "student", cfg)
+
+
+def test_a_run_log_that_does_not_write_keeps_records_in_memory(tmp_path):
+  """Processes other than 0 of a multi-process job: the same records, no
+  files."""
+  log = logs.RunLog(str(tmp_path), "student", resume_step=0, write=False)
+  for e in range(3):
+    log.epoch({"epoch": e, "step": 10 * (e + 1), "train/loss": 1.0 / (e + 1)})
+  log.step({"step": 5, "loss": 2.0})
+  log.epochs.truncate_after("epoch", 1)
+  log.close()
+  assert [r["epoch"] for r in log.epochs.read()] == [0, 1]
+  assert log.epochs.read()[1]["train/loss"] == 0.5
+  assert log.steps.read() == [{"step": 5, "loss": 2.0}]
+  assert not list(tmp_path.iterdir())

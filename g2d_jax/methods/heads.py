@@ -117,6 +117,11 @@ class WithMethodHeads(nn.Module):
   num_outputs: int
   modalities: tuple[str, ...]
 
+  @property
+  def compute_dtype(self) -> str:
+    """The base model's activation dtype (`pipeline.steps.apply_model`)."""
+    return getattr(self.base, "compute_dtype", "float32")
+
   def setup(self) -> None:
     if self.spec.kind not in HEAD_KINDS:
       raise ConfigError(f"heads kind {self.spec.kind!r} is not one of "

@@ -8,7 +8,8 @@ from g2d_jax.models.fusion import (FUSIONS, BranchOutput, BranchSpec,
 from g2d_jax.models.initializers import conv_kernel_init, dense_kernel_init
 from g2d_jax.models.mlp import MLP
 from g2d_jax.models.mobilenet import MobileNetV2
-from g2d_jax.models.multimodal import (ENCODERS, ModalityBranch,
+from g2d_jax.models.multimodal import (COMPUTE_DTYPES, ENCODERS,
+                                       ModalityBranch,
                                        MultimodalModel, MultimodalOutput,
                                        UnimodalModel, make_encoder,
                                        make_multimodal, make_unimodal)
@@ -19,6 +20,7 @@ __all__ = [
     "BasicBlock",
     "BranchOutput",
     "BranchSpec",
+    "COMPUTE_DTYPES",
     "ConcatFusion",
     "CrossAttentionFusion",
     "ENCODERS",

@@ -17,11 +17,13 @@ only the summation order, and so the last bits of float32, may differ.
   a 1x1 map) are dropped, which is exact: they multiply zeros.
 - `impl="auto"` picks im2col where it measured faster on this CPU (1x1
   kernels, outputs of at most 4 positions, 3x3 strided convs with Cin >= 16)
-  and XLA's convolution elsewhere (stride-1 convs on large maps, the stem).
+  and XLA's convolution elsewhere (stride-1 convs on large maps, the stem);
+  on a GPU or TPU it is always XLA's convolution.
 - `max_pool(..., impl="fast")`: the forward is XLA's `reduce_window`; the
   backward sends each output's gradient to the first maximum of its window
   in row-major order, exactly the choice XLA's select-and-scatter makes, so
-  ties (frequent after a ReLU) are broken identically.
+  ties (frequent after a ReLU) are broken identically. Off the CPU it is
+  XLA's pooling.
 """
 
 from __future__ import annotations
@@ -54,6 +56,11 @@ def valid_taps(n: int, k: int, s: int, lo: int, hi: int) -> list[int]:
                                      for o in range(out))]
 
 
+def on_cpu() -> bool:
+  """Whether the computation runs on XLA:CPU (the default backend)."""
+  return jax.default_backend() == "cpu"
+
+
 def choose_impl(impl: str, in_hw: tuple[int, int], kernel_hw: tuple[int, int],
                 strides: tuple[int, int], padding: Padding,
                 in_features: int) -> str:
@@ -62,6 +69,10 @@ def choose_impl(impl: str, in_hw: tuple[int, int], kernel_hw: tuple[int, int],
     raise ConfigError(f"conv_impl={impl!r} is not one of {CONV_IMPLS}.")
   if impl != "auto":
     return impl
+  if not on_cpu():
+    # The choices below come from CPU timings; GPUs and TPUs get XLA's own
+    # convolutions (cuDNN, the TPU's).
+    return "xla"
   (kh, kw), (sh, sw) = kernel_hw, strides
   positions = (_out_size(in_hw[0], kh, sh, *padding[0])
                * _out_size(in_hw[1], kw, sw, *padding[1]))
@@ -207,7 +218,9 @@ def max_pool(x_BxHxWxC: Array, window: int = 3, stride: int = 2,
   """Square max-pooling with symmetric padding (ResNet's 3x3/2, pad 1)."""
   if impl not in POOL_IMPLS:
     raise ConfigError(f"pool_impl={impl!r} is not one of {POOL_IMPLS}.")
-  if impl == "xla":
+  # "fast" works around XLA:CPU's slow select-and-scatter; elsewhere XLA's
+  # own pooling gradient is the fast one.
+  if impl == "xla" or not on_cpu():
     return nn.max_pool(x_BxHxWxC, (window, window), strides=(stride, stride),
                        padding=((pad, pad), (pad, pad)))
   return _fast_max_pool(x_BxHxWxC, window, stride, pad)

@@ -51,6 +51,11 @@ RESERVED_NAMES = frozenset({"encoders", "fusion", "backbone", "head", "proj",
                             "shared"})
 
 
+# What `compute_dtype` may be: the dtype of activations (parameters stay
+# float32; `pipeline.steps.apply_model` casts).
+COMPUTE_DTYPES = ("float32", "bfloat16")
+
+
 class MultimodalOutput(NamedTuple):
   """Outputs of `MultimodalModel` and `UnimodalModel`.
 
@@ -174,6 +179,8 @@ class MultimodalModel(nn.Module):
     fusion: one of `fusion.FUSIONS` ("late" is the paper's default).
     fusion_kwargs: options of the fusion (e.g. {"dim": 256}).
     modalities: modality order; None means the order of `encoders`.
+    compute_dtype: the activations' dtype (`COMPUTE_DTYPES`), applied by
+      `pipeline.steps.apply_model`.
   """
 
   encoders: Mapping[str, nn.Module]
@@ -181,6 +188,7 @@ class MultimodalModel(nn.Module):
   fusion: str = "late"
   fusion_kwargs: Mapping[str, Any] | None = None
   modalities: tuple[str, ...] | None = None
+  compute_dtype: str = "float32"
 
   def __post_init__(self) -> None:
     if not isinstance(self.encoders, Mapping) or len(self.encoders) < 2:
@@ -252,11 +260,14 @@ class UnimodalModel(nn.Module):
     encoder: the encoder module.
     num_outputs: classes, or 1 for regression.
     modality: the modality name used in the parameter tree and outputs.
+    compute_dtype: the activations' dtype (`COMPUTE_DTYPES`), applied by
+      `pipeline.steps.apply_model`.
   """
 
   encoder: nn.Module
   num_outputs: int
   modality: str
+  compute_dtype: str = "float32"
 
   def __post_init__(self) -> None:
     if self.modality in RESERVED_NAMES:
@@ -328,7 +339,8 @@ def make_multimodal(encoders: Mapping[str, nn.Module | Mapping[str, Any]],
 
 
 def make_unimodal(encoder: nn.Module | Mapping[str, Any], num_outputs: int,
-                  modality: str) -> UnimodalModel:
+                  modality: str, compute_dtype: str = "float32"
+                  ) -> UnimodalModel:
   """Builds a UnimodalModel; `encoder` is a module or {"kind": ..., **opts}."""
   return UnimodalModel(encoder=_as_encoder(encoder), num_outputs=num_outputs,
-                       modality=modality)
+                       modality=modality, compute_dtype=compute_dtype)

@@ -27,7 +27,8 @@ def encoder_spec(config: ml_collections.ConfigDict, m: str) -> dict[str, Any]:
 def teacher_model(config: ml_collections.ConfigDict,
                   dataset: MultimodalDataset, m: str) -> nn.Module:
   """Encoder + linear head for modality m (the student's branch structure)."""
-  return models.make_unimodal(encoder_spec(config, m), dataset.num_classes, m)
+  return models.make_unimodal(encoder_spec(config, m), dataset.num_classes, m,
+                              compute_dtype=config.model.dtype)
 
 
 def student_model(config: ml_collections.ConfigDict,
@@ -38,7 +39,8 @@ def student_model(config: ml_collections.ConfigDict,
                 for m in dataset.modalities},
       num_outputs=dataset.num_classes, fusion=config.model.fusion,
       fusion_kwargs=artifacts.plain(config.model.fusion_kwargs) or None,
-      modalities=tuple(dataset.modalities))
+      modalities=tuple(dataset.modalities),
+      compute_dtype=config.model.dtype)
 
 
 def example_inputs(split: Split, n: int) -> dict[str, np.ndarray]:

@@ -16,7 +16,8 @@ import orbax.checkpoint as ocp
 # Test hook: `G2D_KILL_AT=<point>[:<n>]` SIGKILLs this process the n-th time
 # (default 1st) it reaches <point>, to test that a rerun resumes from
 # whatever a kill leaves. Points: "after_best_save" (the best weights are
-# committed, the latest state of the same step is not).
+# committed, the latest state of the same step is not), "after_latest_save"
+# (a resumable checkpoint is committed).
 KILL_ENV = "G2D_KILL_AT"
 _kill_counts: dict[str, int] = {}
 
@@ -104,6 +105,7 @@ class RunCheckpoints:
   def save_latest(self, step: int, state: Any, meta: dict[str, Any]) -> None:
     self._save(self._latest, step, state=ocp.args.StandardSave(state),
                meta=ocp.args.JsonSave(meta))
+    kill_point("after_latest_save")
 
   @_quietly
   def restore_latest(self, like: Any) -> tuple[Any, dict[str, Any]] | None:

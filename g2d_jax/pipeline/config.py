@@ -14,6 +14,7 @@ import ml_collections
 from g2d_jax import artifacts
 from g2d_jax import gating
 from g2d_jax import methods
+from g2d_jax import models
 from g2d_jax import schedule
 from g2d_jax.errors import ConfigError
 from g2d_jax.pipeline import logs
@@ -108,6 +109,10 @@ def base_config() -> ml_collections.ConfigDict:
       fusion="late",
       fusion_kwargs=ml_collections.ConfigDict(),
       encoders=ml_collections.ConfigDict(),  # {modality: {kind: ..., ...}}
+      # Activations' dtype: "bfloat16" is mixed precision for GPUs and TPUs
+      # (parameters, optimizer state, BatchNorm statistics and losses stay
+      # float32; steps.apply_model).
+      dtype="float32",
   ))
   c.teacher = train_config(300, 16, optimizer_config())
   c.student = train_config(300, 16, optimizer_config())
@@ -139,6 +144,9 @@ def validate(config: ml_collections.ConfigDict, num_devices: int,
   if config.method not in METHODS:
     raise ConfigError(f"config.method={config.method!r} is not one of "
                       f"{METHODS}.")
+  if config.model.get("dtype", "float32") not in models.COMPUTE_DTYPES:
+    raise ConfigError(f"config.model.dtype={config.model.dtype!r} is not one "
+                      f"of {models.COMPUTE_DTYPES}.")
   if sorted(config.model.encoders.keys()) != sorted(modalities):
     raise ConfigError(
         f"config.model.encoders has {sorted(config.model.encoders.keys())} but "

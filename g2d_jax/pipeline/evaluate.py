@@ -24,6 +24,7 @@ from g2d_jax import regression_metrics
 from g2d_jax.data.base import MultimodalDataset
 from g2d_jax.errors import ConfigError
 from g2d_jax.pipeline import config as config_lib
+from g2d_jax.pipeline import distributed
 from g2d_jax.pipeline import ensemble
 from g2d_jax.pipeline import loader
 from g2d_jax.pipeline import mesh as mesh_lib
@@ -121,12 +122,13 @@ def calibrate_student(config: ml_collections.ConfigDict,
   cal = scoring.temperature_scaling(predict, params, batch_stats,
                                     dataset.splits, config.eval.batch_size,
                                     mesh)
-  artifacts.write_json(
-      os.path.join(student_lib.student_dir(workdir, config),
-                   "temperature.json"),
-      {"fitted_on": "val", "temperature": cal["temperature"],
-       "val_nll": cal["val_nll"],
-       "val_nll_calibrated": cal["val_nll_calibrated"]})
+  if distributed.is_primary():
+    artifacts.write_json(
+        os.path.join(student_lib.student_dir(workdir, config),
+                     "temperature.json"),
+        {"fitted_on": "val", "temperature": cal["temperature"],
+         "val_nll": cal["val_nll"],
+         "val_nll_calibrated": cal["val_nll_calibrated"]})
   t, e = cal["temperature"], cal["test_ece_calibrated"]
   logging.info("student temperature (val) %.3f: test ECE %.4f -> %.4f",
                t["fused"], cal["test_ece"]["fused"], e["fused"])
@@ -159,10 +161,10 @@ def regression_scores(model: Any, params: Any, batch_stats: Any,
     return {h: losses.regression_prediction(v) for h, v in heads.items()}
 
   preds: dict[str, list[np.ndarray]] = {}
-  for batch in loader.eval_batches(test, batch_size):
-    out = jax.device_get(predict(params, batch_stats, mesh_lib.shard_batch(
-        batch["inputs"], mesh)))
-    n = int(batch["mask"].sum())
+  for k, batch in enumerate(loader.eval_batches(test, batch_size)):
+    out = distributed.to_host(predict(
+        params, batch_stats, mesh_lib.shard_batch(batch["inputs"], mesh)))
+    n = min(batch_size, len(test) - k * batch_size)  # the global batch's
     for h, v in out.items():
       preds.setdefault(h, []).append(np.asarray(v)[:n])
   scaling = dataset.fingerprint.get("target_scaling")
@@ -229,7 +231,8 @@ def run(config: ml_collections.ConfigDict, dataset: MultimodalDataset,
   summary["schedule"] = config_lib.resolve_schedule(config)
   summary["config"] = artifacts.plain(config)
   summary["versions"] = versions()
-  artifacts.write_json(summary_path(workdir, config), summary)
+  if distributed.is_primary():
+    artifacts.write_json(summary_path(workdir, config), summary)
   return summary
 
 

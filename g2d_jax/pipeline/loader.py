@@ -7,6 +7,8 @@ Each batch is a dict of host NumPy arrays:
    "mask": [B] bool                                              (eval only)}
 Teacher rows are joined to samples by their index in the split, so the
 teacher cache must be index-aligned with the data (the manifest checks it).
+In a multi-process job every process forms the same global batches and
+keeps its own rows of each (`distributed.local_rows`).
 
 The order of training batches is a pure function of (seed, epoch), and a
 batch is addressable by its step within the epoch, so resuming mid-epoch is
@@ -28,6 +30,7 @@ import g2d_jax
 from g2d_jax import methods as methods_lib
 from g2d_jax import schedule
 from g2d_jax.data.base import Split
+from g2d_jax.pipeline import distributed
 
 Array = jax.Array
 
@@ -77,8 +80,12 @@ def _fetcher(split: Split, teacher: Mapping[str, Any] | None,
              teacher_keys: frozenset[str],
              gate: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
              present: Mapping[str, np.ndarray] | None = None):
-  def fetch(idx: np.ndarray) -> dict[str, Any]:
-    idx = np.asarray(idx, np.int64)
+  """`fetch(rows)` -> the batch of a global batch's `rows`: this process's
+  share of them (all of them in a one-process run), with the gate of the
+  whole global batch, so every process runs the same gating pattern."""
+  def fetch(rows: np.ndarray) -> dict[str, Any]:
+    rows = np.asarray(rows, np.int64)
+    idx = distributed.local_rows(rows)
     raw = split.batch(idx)
     batch = {"index": idx.astype(np.int32), "label": raw["label"],
              "inputs": {m: raw[m] for m in split.inputs}}
@@ -91,7 +98,14 @@ def _fetcher(split: Split, teacher: Mapping[str, Any] | None,
           key: {m: np.asarray(teacher[m][key][idx]) for m in teacher}
           for key in sorted(teacher_keys)}
     if gate is not None:
-      batch["gate"] = gate(batch)
+      if len(idx) == len(rows):
+        batch["gate"] = gate(batch)
+      else:
+        assert teacher is not None, "the gate needs the teacher cache"
+        batch["gate"] = gate({
+            "label": np.asarray(split.labels[rows]),
+            "teacher": {"logits": {m: np.asarray(teacher[m]["logits"][rows])
+                                   for m in teacher}}})
     return batch
   return fetch
 
@@ -142,7 +156,7 @@ def eval_batches(split: Split, batch_size: int, *,
     mask[len(idx):] = False
     batch = fetch(np.concatenate(
         [idx, np.full(batch_size - len(idx), idx[0], idx.dtype)]))
-    batch["mask"] = mask
+    batch["mask"] = distributed.local_rows(mask)
     return batch
 
   ds = grain.MapDataset.range(0, n, batch_size).map(padded)
@@ -181,7 +195,7 @@ class GateSpec:
     # Skipping a frozen branch's backward is exact only for 0/1 gates.
     self.skip_frozen = (self.enabled and bool(g.skip_frozen_backward)
                         and not self.partial)
-    self._device = jax.devices("cpu")[0]
+    self._device = jax.local_devices(backend="cpu")[0]
     self._compute = jax.jit(self.kappa)
 
   def kappa(self, teacher_logits: Mapping[str, Array], labels: Array,

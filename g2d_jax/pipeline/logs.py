@@ -71,6 +71,23 @@ class JsonlWriter:
     artifacts.replace_file(self.path, write)
 
 
+class MemoryJsonl:
+  """A `JsonlWriter` that keeps its records in memory: the logs of a
+  process other than 0 in a multi-process job, which writes no files."""
+
+  def __init__(self):
+    self.records: list[dict[str, Any]] = []
+
+  def write(self, record: Mapping[str, Any]) -> None:
+    self.records.append(json.loads(json.dumps(artifacts.to_jsonable(record))))
+
+  def read(self) -> list[dict[str, Any]]:
+    return list(self.records)
+
+  def truncate_after(self, key: str, value: float) -> None:
+    self.records = [r for r in self.records if r.get(key, -1) <= value]
+
+
 def _scalars(record: Mapping[str, Any]) -> dict[str, float]:
   return {k: float(v) for k, v in record.items()
           if isinstance(v, (int, float)) and not isinstance(v, bool)
@@ -88,11 +105,18 @@ class RunLog:
 
   def __init__(self, directory: str, name: str,
                config: ml_collections.ConfigDict | None = None,
-               resume_step: int = 0):
+               resume_step: int = 0, write: bool = True):
+    """`write=False` keeps the records in memory and writes nothing (the
+    processes other than 0 of a multi-process job)."""
     cfg = config if config is not None else logging_config()
+    self.epochs: JsonlWriter | MemoryJsonl
+    self.steps: JsonlWriter | MemoryJsonl
+    self._tb = self._wandb = None
+    if not write:
+      self.epochs, self.steps = MemoryJsonl(), MemoryJsonl()
+      return
     self.epochs = JsonlWriter(os.path.join(directory, "metrics.jsonl"))
     self.steps = JsonlWriter(os.path.join(directory, "steps.jsonl"))
-    self._tb = self._wandb = None
     if cfg.tensorboard:
       from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
       # Events after the resumed step are dropped from the earlier files.

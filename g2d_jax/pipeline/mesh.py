@@ -15,6 +15,8 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from g2d_jax.pipeline import distributed
+
 
 def data_mesh(devices: list[Any] | None = None) -> jax.sharding.Mesh:
   """A mesh over all (or the given) devices with one axis, 'data'."""
@@ -33,13 +35,18 @@ def batch_sharded(mesh: jax.sharding.Mesh) -> NamedSharding:
 
 def shard_batch(batch: Any, mesh: jax.sharding.Mesh) -> Any:
   """Places a host batch: arrays split along their leading (batch) axis,
-  scalar arrays replicated, Python ints (host-side flags) left alone."""
+  scalar arrays replicated, Python ints (host-side flags) left alone. In a
+  multi-process job the arrays hold this process's rows of the global
+  batch (`distributed.local_rows`)."""
   split, rep = batch_sharded(mesh), replicated(mesh)
+  several = distributed.multiprocess()
 
   def place(x):
     if isinstance(x, int):
       return x
     x = np.asarray(x)
+    if several and x.ndim:
+      return distributed.global_batch(x, split)
     return jax.device_put(x, split if x.ndim else rep)
   return jax.tree.map(place, batch)
 

@@ -15,6 +15,7 @@ import jax
 import numpy as np
 
 from g2d_jax import artifacts
+from g2d_jax.pipeline import distributed
 
 DONE = "done.json"
 
@@ -43,7 +44,9 @@ def stage_done(directory: str, fingerprint: Mapping[str, Any]) -> dict | None:
 
 def mark_done(directory: str, fingerprint: Mapping[str, Any],
               result: Mapping[str, Any]) -> dict[str, Any]:
-  """Writes the stage's record; returns it as it reads back."""
+  """Writes the stage's record (process 0 of a multi-process job); returns
+  it as it reads back."""
   record = artifacts.plain({"fingerprint": fingerprint, **result})
-  artifacts.write_json(os.path.join(directory, DONE), record)
+  if distributed.is_primary():
+    artifacts.write_json(os.path.join(directory, DONE), record)
   return record

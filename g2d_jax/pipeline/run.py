@@ -15,6 +15,7 @@ from g2d_jax import data
 from g2d_jax import methods
 from g2d_jax.errors import ConfigError
 from g2d_jax.pipeline import config as config_lib
+from g2d_jax.pipeline import distributed
 from g2d_jax.pipeline import evaluate
 from g2d_jax.pipeline import mesh as mesh_lib
 from g2d_jax.pipeline import precompute
@@ -114,7 +115,11 @@ def run(config: ml_collections.ConfigDict, workdir: str, mode: str = "all",
     raise ConfigError(f"--workdir={workdir} is a file, not a directory; name "
                       "a new or existing directory for the run's outputs.")
   mesh = mesh_lib.data_mesh(devices)
-  dataset = data.load_dataset(config.data)
+  # Process 0 builds a missing data cache first; the others then read it.
+  dataset = data.load_dataset(config.data) if distributed.is_primary() else None
+  distributed.barrier("data")
+  if dataset is None:
+    dataset = data.load_dataset(config.data)
   config_lib.validate(config, mesh.devices.size, tuple(dataset.modalities))
   built = None
   if not methods.trains_nothing(config.method):
@@ -122,15 +127,18 @@ def run(config: ml_collections.ConfigDict, workdir: str, mode: str = "all",
     # encoder, fusion or method setting fails here, before any training.
     built = student.build_student(config, dataset, mesh, init=False)
   os.makedirs(workdir, exist_ok=True)
-  # What killed runs of ours left behind (temporary files and directories
-  # of processes that no longer exist).
-  for path in artifacts.remove_dead_temporaries(workdir):
-    logging.info("removed the leftover of an interrupted run: %s", path)
-  # Students sharing a workdir (run_name) each keep their own config.
-  config_name = (f"config_{config.run_name}.json" if config.run_name
-                 else "config.json")
-  artifacts.write_json(os.path.join(workdir, config_name),
-                       artifacts.plain(config))
+  if distributed.is_primary():
+    # What killed runs of ours left behind (temporary files and directories
+    # of processes that no longer exist). Process ids mean something only
+    # on their own host, so process 0 alone looks, before the others start.
+    for path in artifacts.remove_dead_temporaries(workdir):
+      logging.info("removed the leftover of an interrupted run: %s", path)
+    # Students sharing a workdir (run_name) each keep their own config.
+    config_name = (f"config_{config.run_name}.json" if config.run_name
+                   else "config.json")
+    artifacts.write_json(os.path.join(workdir, config_name),
+                         artifacts.plain(config))
+  distributed.barrier("workdir")
   logging.info("dataset %s: %s, %s; %d device(s)", dataset.name,
                {s: len(v) for s, v in dataset.splits.items()},
                dataset.modalities, mesh.devices.size)
@@ -159,5 +167,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, mode: str = "all",
     t0 = time.perf_counter()
     logging.info("=== stage %s", name)
     results[name] = stages[name]()
+    # What a stage wrote (process 0) is there before any process reads it.
+    distributed.barrier(f"stage {name}")
     logging.info("=== stage %s done in %.1f s", name, time.perf_counter() - t0)
   return results

@@ -12,6 +12,7 @@ import numpy as np
 
 from g2d_jax import calibration
 from g2d_jax.data.base import Split
+from g2d_jax.pipeline import distributed
 from g2d_jax.pipeline import loader
 from g2d_jax.pipeline import mesh as mesh_lib
 from g2d_jax.pipeline import metrics as metrics_lib
@@ -90,11 +91,12 @@ def collect_logits(predict: Callable[..., Any], params: Any, batch_stats: Any,
   [N, C]} (host float32), from `predict(params, batch_stats, inputs) ->
   outputs` (jitted by the caller)."""
   parts: dict[str, list[np.ndarray]] = {}
-  for batch in loader.eval_batches(split, batch_size):
+  for k, batch in enumerate(loader.eval_batches(split, batch_size)):
     out = predict(params, batch_stats, mesh_lib.shard_batch(batch["inputs"],
                                                             mesh))
-    heads = jax.device_get(metrics_lib.flatten(metrics_lib.head_logits(out)))
-    n = int(batch["mask"].sum())
+    heads = distributed.to_host(
+        metrics_lib.flatten(metrics_lib.head_logits(out)))
+    n = min(batch_size, len(split) - k * batch_size)  # the global batch's
     for h, v in heads.items():
       parts.setdefault(h, []).append(np.asarray(v, np.float32)[:n])
   return {h: np.concatenate(v) for h, v in parts.items()}

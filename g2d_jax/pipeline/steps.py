@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 import flax
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import ml_collections
 import optax
 
@@ -90,6 +91,14 @@ def apply_model(model: nn.Module, params: Any, batch_stats: Any, inputs: Any,
   `feature_scale` ({m: [D] or [B, D]}) multiplies pooled features (see
   `models.MultimodalModel`).
   """
+  dtype = getattr(model, "compute_dtype", "float32")
+  if dtype != "float32":
+    # Mixed precision: the layers compute in `dtype` (Flax layers follow
+    # their inputs' and weights' dtype; BatchNorm reduces in float32 and
+    # keeps float32 statistics); the float32 parameters are cast here, so
+    # gradients and optimizer state stay float32, and so do the outputs
+    # the losses see.
+    params, inputs = _cast_floats((params, inputs), dtype)
   variables = {"params": params}
   if batch_stats:
     variables["batch_stats"] = batch_stats
@@ -97,11 +106,22 @@ def apply_model(model: nn.Module, params: Any, batch_stats: Any, inputs: Any,
   if not train:
     if present is not None:
       kwargs["present"] = present
-    return model.apply(variables, inputs, train=False, **kwargs), batch_stats
+    out = model.apply(variables, inputs, train=False, **kwargs)
+    return _cast_floats(out, "float32"), batch_stats
   rngs = {"dropout": rng} if rng is not None else {}
   out, mutated = model.apply(variables, inputs, train=True,
                              mutable=["batch_stats"], rngs=rngs, **kwargs)
-  return out, mutated.get("batch_stats", batch_stats)
+  return _cast_floats(out, "float32"), mutated.get("batch_stats",
+                                                   batch_stats)
+
+
+def _cast_floats(tree: Any, dtype: str) -> Any:
+  """`tree` with its floating-point leaves in `dtype` (others as they are)."""
+  def cast(x):
+    if hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.floating):
+      return x.astype(dtype) if x.dtype != dtype else x
+    return x
+  return jax.tree.map(cast, tree)
 
 
 def _frozen_view(params: Any, frozen: tuple[str, ...],

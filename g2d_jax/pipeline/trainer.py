@@ -25,6 +25,7 @@ from g2d_jax.data.base import Split
 from g2d_jax.errors import CacheMismatchError
 from g2d_jax.errors import TrainingError
 from g2d_jax.pipeline import checkpoint
+from g2d_jax.pipeline import distributed
 from g2d_jax.pipeline import loader
 from g2d_jax.pipeline import logs
 from g2d_jax.pipeline import mesh as mesh_lib
@@ -142,7 +143,8 @@ def fit(*, name: str, directory: str, state: TrainState,
     logging.info("%s: resuming at epoch %d step %d", name, meta["epoch"],
                  meta["step_in_epoch"])
   done_global = meta["epoch"] * spe + meta["step_in_epoch"]
-  run_log = logs.RunLog(directory, name, log_config, resume_step=done_global)
+  run_log = logs.RunLog(directory, name, log_config, resume_step=done_global,
+                        write=distributed.is_primary())
   # Records written after the checkpoint we resume from are replayed.
   run_log.epochs.truncate_after("epoch", meta["epoch"] - 1)
   run_log.steps.truncate_after("step", done_global)
@@ -242,7 +244,7 @@ def fit(*, name: str, directory: str, state: TrainState,
     weights, best_meta = ckpt.restore_best(
         {"params": state.params, "batch_stats": state.batch_stats})
     history = run_log.epochs.read()
-    if plot is not None:
+    if plot is not None and distributed.is_primary():
       run_log.image("curves", plot(history), epochs * spe)
     return FitResult(weights=weights, best=best_meta, history=history)
   finally:
