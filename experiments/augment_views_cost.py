@@ -2,6 +2,7 @@ r"""What training views cost: student epoch time and cache size of the
 CREMA-D smoke preset with `data.augment_views` K = 1 and K = 4.
 
   python experiments/augment_views_cost.py --data_dir=/tmp/e2e/data \
+      --set=g2d.beta=0 \
       --out=experiments/results/augment_views_cost.json
 
 `--data_dir` holds a prepared `cremad/` folder (e.g. the synthetic fixture
@@ -37,7 +38,8 @@ def du(path: str) -> int:
   return total
 
 
-def one_run(data_dir: str, k: int, epochs: int, tmp: str) -> dict:
+def one_run(data_dir: str, k: int, epochs: int, tmp: str,
+            overrides: list[str] = ()) -> dict:
   env = dict(os.environ, G2D_DATA_DIR=data_dir,
              G2D_CACHE_DIR=os.path.join(tmp, f"cache{k}"))
   env.pop("XLA_FLAGS", None)
@@ -47,7 +49,8 @@ def one_run(data_dir: str, k: int, epochs: int, tmp: str) -> dict:
       [sys.executable, "-m", "g2d_jax.main",
        f"--config={ROOT}/configs/cremad.py:smoke", f"--workdir={work}",
        f"--config.data.augment_views={k}",
-       f"--config.student.epochs={epochs}"],
+       f"--config.student.epochs={epochs}",
+       *[f"--config.{o}" for o in overrides]],
       cwd=ROOT, env=env, capture_output=True, text=True, timeout=3600)
   if proc.returncode:
     raise SystemExit(proc.stderr[-3000:])
@@ -73,20 +76,23 @@ def main() -> None:
   p.add_argument("--epochs", type=int, default=8)
   p.add_argument("--repeats", type=int, default=2)
   p.add_argument("--out", default="")
+  p.add_argument("--set", action="append", default=[],
+                 help="FIELD=VALUE for every run's config (repeatable)")
   args = p.parse_args()
   tmp = tempfile.mkdtemp(prefix="views_cost-")
   runs: dict[int, list[dict]] = {}
   try:
     for rep in range(args.repeats):
       for k in map(int, args.views.split(",")):
-        r = one_run(args.data_dir, k, args.epochs, tmp)
+        r = one_run(args.data_dir, k, args.epochs, tmp, args.set)
         runs.setdefault(k, []).append(r)
         print(f"repeat {rep} K={k}: epoch median "
               f"{statistics.median(r['epoch_seconds']):.3f} s, data cache "
               f"{r['data_cache_bytes'] / 1e6:.1f} MB", file=sys.stderr)
   finally:
     shutil.rmtree(tmp, ignore_errors=True)
-  report = {}
+  report: dict = {"settings": {"epochs": args.epochs, "set": args.set,
+                               "repeats": args.repeats}}
   for k, rs in runs.items():
     gaps = [g for r in rs for g in r["epoch_seconds"]]
     report[k] = {"epoch_seconds_median": statistics.median(gaps),
@@ -94,7 +100,7 @@ def main() -> None:
                  "data_cache_bytes": rs[0]["data_cache_bytes"],
                  "teacher_cache_bytes": rs[0]["teacher_cache_bytes"],
                  "train_rows": rs[0]["train_rows"]}
-  ks = sorted(report)
+  ks = sorted(runs)
   base = report[ks[0]]
   for k in ks[1:]:
     report[k]["epoch_ratio"] = (report[k]["epoch_seconds_median"]

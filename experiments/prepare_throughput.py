@@ -2,7 +2,8 @@ r"""Preparation throughput: clips per second of `g2d_jax.data.prepare` with
 1 and 2 workers, on a synthetic CREMA-D-shaped fixture (not CREMA-D data).
 
 The fixture has the release's format and size per clip: FLV1 video with MP3
-audio at 480 x 360, 30 fps, 2.0-3.0 s long, and a 16 kHz WAV beside it.
+audio at 480 x 360, 30 fps, 2.0-3.0 s long, with a moving noise texture (so
+the codec has work, unlike flat frames), and a 16 kHz WAV beside it.
 
   python experiments/prepare_throughput.py --clips=60 \
       --out=experiments/results/prepare_throughput.json
@@ -33,7 +34,10 @@ from g2d_jax.data import testclips  # noqa: E402
 EMOTIONS = ("NEU", "HAP", "SAD", "FEA", "DIS", "ANG")
 
 
-def make_fixture(raw: str, n: int) -> None:
+def make_fixture(raw: str, n: int, texture: bool = True) -> None:
+  """`n` CREMA-D-shaped clips under `raw`; `texture=False` gives flat
+  frames (what experiments/augment_views_cost.py times: the G2D smoke
+  student diverges on the noise texture at the smoke preset's rate)."""
   os.makedirs(os.path.join(raw, "VideoFlash"))
   os.makedirs(os.path.join(raw, "AudioWAV"))
   rng = np.random.default_rng(0)
@@ -41,7 +45,7 @@ def make_fixture(raw: str, n: int) -> None:
     clip = f"{1001 + i // 6}_FIX_{EMOTIONS[i % 6]}_XX"
     seconds = float(rng.uniform(2.0, 3.0))
     testclips.write_clip(os.path.join(raw, "VideoFlash", clip + ".flv"),
-                         seconds, fps=30, size=(480, 360))
+                         seconds, fps=30, size=(480, 360), texture=texture)
     t = np.arange(int(seconds * 16000)) / 16000
     scipy.io.wavfile.write(
         os.path.join(raw, "AudioWAV", clip + ".wav"), 16000,
@@ -76,7 +80,8 @@ def main() -> None:
                 "clips_per_second": args.clips / statistics.median(v),
                 "seconds": v} for w, v in results.items()}
     report = {"clips": args.clips, "fixture": "synthetic CREMA-D-shaped "
-              "FLV1+MP3 480x360 30 fps 2-3 s, 16 kHz WAV", "workers": rows,
+              "FLV1+MP3 480x360 30 fps 2-3 s, moving noise texture, 16 kHz"
+              " WAV", "workers": rows,
               "cpu_count": os.cpu_count()}
     print(json.dumps(report, indent=2))
     if args.out:

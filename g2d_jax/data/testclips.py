@@ -33,12 +33,16 @@ def level_to_frame(level: float) -> int:
 
 def write_clip(path: str, seconds: float, fps: int = 8,
                size: tuple[int, int] = (32, 24), audio_rate: int | None = 22050,
-               channels: int = 1, tone_hz: float = 440.0) -> None:
+               channels: int = 1, tone_hz: float = 440.0,
+               texture: bool = False) -> None:
   """Writes a clip of `seconds` at `fps` ([width, height] `size`) with a
   tone track at `audio_rate` Hz (None: no audio track).
 
   The container is chosen by the extension (.flv: FLV1 + MP3, the CREMA-D
-  release's format; .mp4: MPEG-4 part 2 + AAC).
+  release's format; .mp4: MPEG-4 part 2 + AAC). `texture` adds a seeded
+  zero-mean noise pattern (+-24 levels) that moves one pixel per frame, so
+  the codec and the models see something like footage rather than flat
+  grey.
   """
   av = decode._av()  # pylint: disable=protected-access
   ext = path[path.rfind("."):]
@@ -56,9 +60,18 @@ def write_clip(path: str, seconds: float, fps: int = 8,
     # A zero-mean left-to-right ramp, so crops and flips change a frame
     # while its mean stays the frame's level.
     ramp = np.linspace(-8.0, 8.0, w)
+    pattern = None
+    if texture:
+      pattern = np.random.default_rng(w * 1000 + h).uniform(
+          -24, 24, (h, 2 * w))
+      pattern -= pattern.mean()
     for k in range(n_video):
-      img = np.clip(frame_level(k) + ramp[None, :, None], 0, 255).astype(
-          np.uint8).repeat(3, axis=2)
+      grey = frame_level(k) + ramp[None, :]
+      if pattern is not None:
+        shift = k % w
+        grey = grey + pattern[:, shift:shift + w]
+      img = np.clip(grey, 0, 255).astype(np.uint8)[..., None].repeat(3,
+                                                                     axis=2)
       frame = av.VideoFrame.from_ndarray(img, format="rgb24")
       frame.pts = k
       frame.time_base = Fraction(1, fps)
