@@ -6,7 +6,8 @@
 #   G2D_DATA_DIR=../shared/data bash experiments/device_check.sh [OUT_DIR]
 #
 # Stages, each named when it fails (non-zero exit; nothing falls back to the
-# CPU: JAX runs with JAX_PLATFORMS=cuda, which refuses to start without one):
+# CPU silently: the devices stage fails unless JAX's default backend is the
+# GPU, and the smoke stage checks its job ran on it):
 #   venv       a fresh venv with requirements.txt + requirements-gpu.txt
 #   devices    prints the devices; fails unless JAX sees a GPU
 #   tests      the suite's fast single-device subset, on the GPU
@@ -42,7 +43,9 @@ if [ -z "${DEVICE_CHECK_VENV:-}" ]; then
     -r requirements-gpu.txt && pip install -q --no-deps -e ."
 fi
 . "$venv/bin/activate"
-export JAX_PLATFORMS=cuda
+# The GPU first (the default backend); the CPU beside it for the host-side
+# work that asks for it (the SMP gate is computed on the host CPU device).
+export JAX_PLATFORMS=cuda,cpu
 export G2D_DATA_DIR="${G2D_DATA_DIR:-$root/../shared/data}"
 
 run devices python -c "
@@ -72,7 +75,7 @@ tail -n 1 "$out/tests.log"
 run smoke python -m g2d_jax.main --config=configs/avmnist.py:smoke \
   --workdir="$out/smoke"
 test -f "$out/smoke/summary.json"
-grep -q "device(s)" "$out/smoke.log"
+grep -q "device(s) (gpu)" "$out/smoke.log"
 
 torch_note="PyTorch with CUDA installed"
 stage=torch

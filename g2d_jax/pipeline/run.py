@@ -139,9 +139,10 @@ def run(config: ml_collections.ConfigDict, workdir: str, mode: str = "all",
     artifacts.write_json(os.path.join(workdir, config_name),
                          artifacts.plain(config))
   distributed.barrier("workdir")
-  logging.info("dataset %s: %s, %s; %d device(s)", dataset.name,
+  logging.info("dataset %s: %s, %s; %d device(s) (%s)", dataset.name,
                {s: len(v) for s, v in dataset.splits.items()},
-               dataset.modalities, mesh.devices.size)
+               dataset.modalities, mesh.devices.size,
+               mesh.devices.flat[0].platform)
   log_schedule(config_lib.resolve_schedule(config))
   order = (["teachers", "precompute", "student", "eval"] if mode == "all"
            else [mode])
