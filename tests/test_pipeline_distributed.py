@@ -340,3 +340,22 @@ def test_batch_not_divisible_by_every_device_of_the_job(tmp_path):
     assert code == 2
     assert ("config.student.batch_size=6 is not divisible by the 4 devices"
             in err)
+
+
+def test_processes_without_teacher_outputs_get_the_whole_batch_gate(
+    monkeypatch):
+  """Methods that read no teacher outputs (SMP off): the gate still sees
+  the whole global batch's labels, in every process."""
+  split = _split()
+  seen = []
+  gate = lambda b, epoch: seen.append(np.array(b["label"])) or {"n": 0}
+  _as_process(monkeypatch, 0, 1)
+  whole = list(loader.train_batches(split, 8, seed=1, epoch=0))
+  _as_process(monkeypatch, 1, 2)
+  part = list(loader.train_batches(split, 8, seed=1, epoch=0, gate=gate))
+  assert len(part) == len(whole) == len(seen) == 5
+  for p, w in zip(part, whole):
+    assert p["gate"] == {"n": 0}
+    np.testing.assert_array_equal(p["label"], w["label"][4:])
+  # Batches are fetched by a pool of threads: compare as a set of batches.
+  assert sorted(map(tuple, seen)) == sorted(tuple(w["label"]) for w in whole)

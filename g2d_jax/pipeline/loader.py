@@ -101,11 +101,13 @@ def _fetcher(split: Split, teacher: Mapping[str, Any] | None,
       if len(idx) == len(rows):
         batch["gate"] = gate(batch)
       else:
-        assert teacher is not None, "the gate needs the teacher cache"
-        batch["gate"] = gate({
-            "label": np.asarray(split.labels[rows]),
-            "teacher": {"logits": {m: np.asarray(teacher[m]["logits"][rows])
-                                   for m in teacher}}})
+        # What the gate reads (labels, cached teacher logits) for the whole
+        # global batch. Without SMP the gate reads nothing.
+        whole: dict[str, Any] = {"label": np.asarray(split.labels[rows])}
+        if teacher is not None:
+          whole["teacher"] = {"logits": {
+              m: np.asarray(teacher[m]["logits"][rows]) for m in teacher}}
+        batch["gate"] = gate(whole)
     return batch
   return fetch
 
