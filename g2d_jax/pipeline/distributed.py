@@ -11,7 +11,8 @@ What changes with several processes, and where:
     the results, do not depend on the number of processes;
   * `global_batch` makes the global arrays from each process's rows
     (`jax.make_array_from_process_local_data`);
-  * host copies of sharded outputs are gathered (`to_host`);
+  * host copies of sharded outputs are gathered (`to_host`), or each
+    process takes its own rows of them (`local_part`, the teacher cache);
   * only the primary process (0) writes metrics, plots, records, caches and
     summaries (`is_primary`); orbax writes checkpoints the multi-host way;
   * `barrier` orders a write by process 0 before the others read it.
@@ -114,9 +115,12 @@ def initialize(settings: Settings) -> None:
   """Joins the job (no-op for one process). Must run before any JAX
   computation. On CPU the collectives are gloo's.
 
+  A join that has not finished `settings.timeout_s` (+1.5) seconds in
+  (coordinator unreachable, a process missing) ends the process with one
+  error line and exit status 2, before XLA's client would abort it.
+
   Raises:
-    ConfigError: the coordinator was not reached, or not every process
-      joined, within `settings.timeout_s` seconds.
+    ConfigError: `jax.distributed.initialize` itself raised.
   """
   if settings.mode == "off":
     return
